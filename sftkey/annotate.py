@@ -1,0 +1,126 @@
+"""Answer-span annotation: one rule per data set splits a worked solution into (reasoning, answer).
+
+A record that a rule cannot split is excluded with its reason, never guessed; the exclusion report is part
+of every prepared data set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sftkey.data.records import DataError, Record
+
+CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's inline calculator calls: `<<48/2=24>>`
+
+
+class Unannotatable(Exception):
+    """The reason a record is excluded."""
+
+
+@dataclass(frozen=True)
+class Annotated:
+    uid: str
+    question: str
+    reasoning: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    uid: str
+    origin: str
+    reason: str
+
+
+@dataclass
+class AnnotationConfig:
+    """How worked solutions are split."""
+
+    strip_calculator: bool = field(default=True, metadata={"help": "GSM8K: remove `<<...>>` calculator annotations"})
+    answer_regex: str = field(
+        default=r"####[ \t]*(\S.*?)[ \t]*$",
+        metadata={"help": "jsonl without an answer field: group 1 is the answer; the text before the match is the reasoning"},
+    )
+
+
+def split_gsm8k(solution: str, config: AnnotationConfig) -> tuple[str, str]:
+    if "####" not in solution:
+        raise Unannotatable("no '####' answer marker")
+    reasoning, answer = solution.rsplit("####", 1)
+    if config.strip_calculator:
+        reasoning = CALCULATOR.sub("", reasoning)
+    return reasoning.strip(), answer.strip()
+
+
+def last_boxed(text: str) -> str:
+    """Content of the last `\\boxed{...}`, nested braces included."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        raise Unannotatable("no \\boxed{} answer")
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j].strip()
+    raise Unannotatable("unclosed \\boxed{")
+
+
+def split_math(solution: str, config: AnnotationConfig) -> tuple[str, str]:
+    return solution.strip(), last_boxed(solution)
+
+
+def split_svamp(solution: str, answer: str | None) -> tuple[str, str]:
+    """The equation is the reasoning, ended by its result: `( 76.0 - 25.0 ) = 51`."""
+    return f"{solution} = {answer}", answer
+
+
+def split_by_regex(solution: str, config: AnnotationConfig) -> tuple[str, str]:
+    match = None
+    for match in re.finditer(config.answer_regex, solution, flags=re.MULTILINE):
+        pass  # keep the last match: the final answer
+    if match is None:
+        raise Unannotatable(f"answer_regex {config.answer_regex!r} does not match")
+    return solution[: match.start()].strip(), match.group(1).strip()
+
+
+def split_solution(dataset: str, record: Record, config: AnnotationConfig) -> tuple[str, str]:
+    """(reasoning, answer) by the data set's rule; raises Unannotatable with the reason."""
+    if dataset == "gsm8k":
+        return split_gsm8k(record.solution, config)
+    if dataset == "math500":
+        return split_math(record.solution, config)
+    if dataset == "svamp":
+        return split_svamp(record.solution, record.answer)
+    if dataset == "jsonl":
+        if record.answer is not None:
+            return record.solution.strip(), record.answer.strip()
+        return split_by_regex(record.solution, config)
+    raise DataError(f"no annotation rule for dataset {dataset!r}")
+
+
+def annotate(
+    dataset: str, records: list[Record], config: AnnotationConfig | None = None
+) -> tuple[list[Annotated], list[Exclusion]]:
+    """Annotate every record; the ones that cannot be split come back as exclusions with the reason."""
+    config = config or AnnotationConfig()
+    kept, excluded = [], []
+    for record in records:
+        try:
+            if not record.question.strip():
+                raise Unannotatable("empty question")
+            reasoning, answer = split_solution(dataset, record, config)
+            if not answer:
+                raise Unannotatable("empty answer")
+            if not reasoning:
+                raise Unannotatable("empty reasoning")
+        except Unannotatable as e:
+            excluded.append(Exclusion(record.uid, record.origin, str(e)))
+            continue
+        kept.append(Annotated(record.uid, record.question.strip(), reasoning, answer))
+    return kept, excluded
+
+
+def exclusion_counts(excluded: list[Exclusion]) -> dict[str, int]:
+    return dict(Counter(e.reason for e in excluded).most_common())

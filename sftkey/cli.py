@@ -1,0 +1,35 @@
+"""The `sftkey` command line. Each subcommand lives in its own module with `add_arguments(parser)` and
+`run(args) -> int`; modules are imported only when their command runs, so `sftkey --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "prepare": ("sftkey.commands.prepare", "annotate and tokenize a data set; print counts, exclusions, token shares"),
+    "show-example": ("sftkey.commands.show_example", "print one prepared example with its tokens coloured by role"),
+    "train": ("sftkey.train.cli", "run a training job (a list of stages) from a YAML config"),
+    "eval": ("sftkey.commands.eval", "generate answers with a checkpoint and score them"),
+    "compare": ("sftkey.commands.compare", "compare arms x seeds: intervals, paired tests, verdicts, plots"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sftkey", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen command's module is imported (heavy imports stay out of `sftkey --help`).
+        if argv and argv[0] == name:
+            importlib.import_module(module).add_arguments(command)
+            command.set_defaults(_run=importlib.import_module(module).run)
+    args = parser.parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

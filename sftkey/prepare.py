@@ -1,0 +1,143 @@
+"""Prepare a data set for training: load -> annotate -> render -> tokenize with roles, and write it to disk.
+
+A prepared folder holds `examples.jsonl` (uid, input_ids, roles), `records.jsonl` (the annotated records),
+`exclusions.jsonl` (what was left out and why) and `meta.json` (versions, counts, the config). It is
+written to a temporary folder and renamed, so a crash never leaves half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sftkey.annotate import Annotated, AnnotationConfig, Exclusion, annotate, exclusion_counts
+from sftkey.data import DataConfig, content_version, load_records
+from sftkey.format import render
+from sftkey.roles import ROLE_NAMES
+from sftkey.tokenize import TokenizedExample, tokenize_examples
+
+
+@dataclass
+class PrepareConfig:
+    """Everything that decides a prepared data set's content."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    tagged: bool = field(default=True, metadata={"help": "tagged template (False: plain worked solution, the SFT arm)"})
+    max_length: int = field(default=1024, metadata={"help": "examples with more tokens are excluded, never truncated"})
+
+
+@dataclass
+class Prepared:
+    examples: list[TokenizedExample]
+    records: list[Annotated]
+    exclusions: list[Exclusion]
+    meta: dict
+
+
+def prepare(config: PrepareConfig, tokenizer) -> Prepared:
+    records, source = load_records(config.data)
+    annotated, exclusions = annotate(config.data.dataset, records, config.annotation)
+    items = [(a.uid, a.question, render(a.reasoning, a.answer, config.tagged)) for a in annotated]
+    examples = tokenize_examples(tokenizer, items)
+    origin = {r.uid: r.origin for r in records}
+    kept_examples, kept_records = [], []
+    for example, record in zip(examples, annotated):
+        if len(example.input_ids) > config.max_length:
+            reason = f"longer than max_length {config.max_length} tokens"
+            exclusions.append(Exclusion(record.uid, origin[record.uid], reason))
+        else:
+            kept_examples.append(example)
+            kept_records.append(record)
+    meta = {
+        "dataset": config.data.dataset,
+        "split": config.data.split,
+        "source": source,
+        "data_version": content_version(records),
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "config": asdict(config),
+        "counts": {"records": len(records), "kept": len(kept_examples), "excluded": len(exclusions)},
+        "exclusions_by_reason": exclusion_counts(exclusions),
+        "tokens_by_role": token_counts(kept_examples),
+    }
+    meta["answer_token_share"] = answer_token_share(meta["tokens_by_role"])
+    return Prepared(kept_examples, kept_records, exclusions, meta)
+
+
+def token_counts(examples: list[TokenizedExample]) -> dict[str, int]:
+    counts = Counter()
+    for example in examples:
+        counts.update(example.roles)
+    return {name: counts.get(role, 0) for role, name in enumerate(ROLE_NAMES)}
+
+
+def answer_token_share(tokens_by_role: dict[str, int]) -> float:
+    """Answer tokens over response tokens (thinking + answer + eos): how little of the loss stage 2 keeps."""
+    response = tokens_by_role["thinking"] + tokens_by_role["answer"] + tokens_by_role["eos"]
+    return tokens_by_role["answer"] / response if response else 0.0
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_prepared(prepared: Prepared, out: Path) -> Path:
+    """Write to a temp folder beside `out`, then swap it in (an existing `out` is replaced only at the end)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        _write_jsonl(tmp / "examples.jsonl", (asdict(e) for e in prepared.examples))
+        _write_jsonl(tmp / "records.jsonl", (asdict(r) for r in prepared.records))
+        _write_jsonl(tmp / "exclusions.jsonl", (asdict(e) for e in prepared.exclusions))
+        (tmp / "meta.json").write_text(json.dumps(prepared.meta, indent=2, ensure_ascii=False) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_prepared(folder: Path) -> Prepared:
+    folder = Path(folder)
+    if not (folder / "meta.json").exists():
+        raise FileNotFoundError(f"{folder} is not a prepared data set (no meta.json); run `sftkey prepare --out {folder}`")
+
+    def rows(name):
+        with open(folder / name, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    return Prepared(
+        [TokenizedExample(**r) for r in rows("examples.jsonl")],
+        [Annotated(**r) for r in rows("records.jsonl")],
+        [Exclusion(**r) for r in rows("exclusions.jsonl")],
+        json.loads((folder / "meta.json").read_text()),
+    )
+
+
+def summary_lines(meta: dict) -> list[str]:
+    """The human summary `sftkey prepare` prints."""
+    counts, tokens = meta["counts"], meta["tokens_by_role"]
+    lines = [
+        f"{meta['dataset']} [{meta['split']}] from {meta['source']}",
+        f"records {counts['records']}, kept {counts['kept']}, excluded {counts['excluded']}",
+    ]
+    lines += [f"  excluded: {n} x {reason}" for reason, n in meta["exclusions_by_reason"].items()]
+    lines.append("tokens by role: " + ", ".join(f"{name} {n:,}" for name, n in tokens.items()))
+    lines.append(f"answer-token share of response tokens: {meta['answer_token_share']:.2%}")
+    lines.append(f"data version {meta['data_version'][:16]}")
+    return lines
