@@ -1,0 +1,78 @@
+"""`sftkey eval`: generate answers to a data set's questions with a checkpoint, score them, write a summary.
+
+Writes `<out>/outputs.jsonl` (one scored row per question, appended as generated) and `<out>/summary.json`;
+rerunning the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sftkey.commands.prepare import add_data_arguments, data_config
+from sftkey.generate import GenerationConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="model folder (config.json, *.safetensors, tokenizer), `default` (SmolLM2-135M) or `tiny`")
+    add_data_arguments(parser)
+    parser.set_defaults(split="test")
+    defaults = GenerationConfig()
+    parser.add_argument("--answer-regex", default=None, help="jsonl: regex whose group 1 is the gold answer")
+    parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval/<dataset>-<split>[-limitN])")
+    parser.add_argument("--format", choices=["tagged", "plain"], default=None,
+                        help="response format to score (default: from the checkpoint's sftkey.json, else tagged)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="cap on new tokens per answer")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="questions per generation batch")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy (default); > 0: sampled")
+    parser.add_argument("--sampling-seed", type=int, default=defaults.seed, help="seed of sampled generation")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 on a GPU (default: float32)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sftkey.annotate import AnnotationConfig
+    from sftkey.evaluate import EvalConfig, evaluate
+
+    annotation = AnnotationConfig()
+    if args.answer_regex:
+        annotation.answer_regex = args.answer_regex
+    try:
+        config = EvalConfig(
+            checkpoint=args.checkpoint,
+            data=data_config(args),
+            annotation=annotation,
+            generation=GenerationConfig(
+                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
+                seed=args.sampling_seed, progress=not args.no_progress,
+            ),
+            out=args.out,
+            tagged=None if args.format is None else args.format == "tagged",
+            device=args.device,
+            dtype=args.dtype,
+        )
+        summary = evaluate(config)
+    except ValueError as e:  # DataError, EvalError and bad settings: their messages say what to fix
+        print(f"sftkey eval: error: {e}", file=sys.stderr)
+        return 2
+    for line in summary_lines(summary):
+        print(line)
+    return 0
+
+
+def summary_lines(summary: dict) -> list[str]:
+    m = summary["metrics"]
+    lines = [
+        f"{summary['arm']} (seed {summary['seed']}) on {summary['dataset']}-{summary['split']}: "
+        f"{summary['n']} of {summary['n_questions']} questions scored, {summary['excluded']} records excluded",
+    ]
+    if m:
+        lines.append(
+            f"strict {m['strict_accuracy']:.3f}  lenient {m['lenient_accuracy']:.3f}  format {m['format_accuracy']:.3f}  "
+            f"composite {m['composite']:.3f}  reasoning {m['mean_reasoning_chars']:.0f} chars  "
+            f"length cap {m['length_cap_share']:.3f}"
+        )
+    lines.append(f"wrote {summary['out']}")
+    return lines

@@ -1,0 +1,271 @@
+"""The evaluation pipeline: a checkpoint and a data set -> `outputs.jsonl` + `summary.json`.
+
+Questions and gold answers are the data set's records after annotation (records that cannot be annotated
+have no gold answer: they are excluded and counted). Each question is asked with the exact prompt training
+uses (`format_prompt`). Outputs are scored and appended to `outputs.jsonl` batch by batch, and
+`summary.json` is rewritten (atomically) after every batch, so a crash loses at most one batch and a rerun
+with the same settings skips the questions already answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sftkey.annotate import Annotated, AnnotationConfig, annotate, exclusion_counts
+from sftkey.data import DataConfig, content_version, load_records
+from sftkey.generate import STOP_LENGTH, Generation, GenerationConfig
+
+CHECKPOINT_META = "sftkey.json"  # written by the trainer next to the weights: arm, seed, stage, step, config
+OUTPUTS = "outputs.jsonl"
+SUMMARY = "summary.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+# Settings that decide what the outputs are: a rerun into the same folder must match them to resume.
+RESUME_KEYS = (
+    "checkpoint", "dataset", "split", "limit", "data_version", "tagged", "dtype", "max_new_tokens", "temperature",
+    "sampling_seed",
+)
+
+
+class EvalError(ValueError):
+    """Bad input to an evaluation; the message names the file or setting and the fix."""
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation: which checkpoint, which questions, how to generate, where to write."""
+
+    checkpoint: str = field(default="default", metadata={"help": "model folder, `default` (SmolLM2-135M) or `tiny`"})
+    data: DataConfig = field(default_factory=lambda: DataConfig(split="test"))
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    out: str | None = field(
+        default=None, metadata={"help": "output folder; default <checkpoint>/eval/<dataset>-<split>[-limitN]"}
+    )
+    tagged: bool | None = field(
+        default=None, metadata={"help": "score the tagged format; None: from the checkpoint's sftkey.json"}
+    )
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; None: cuda when available"})
+    dtype: str | None = field(default=None, metadata={"help": "model dtype (e.g. bfloat16 on GPU); None: float32"})
+
+
+@dataclass
+class CheckpointInfo:
+    """What the trainer recorded about a checkpoint (defaults when it recorded nothing)."""
+
+    arm: str
+    seed: int = 0
+    tagged: bool = True
+    stage: str | None = None
+    step: int | None = None
+    data_version: str | None = None
+
+
+def read_checkpoint_info(folder: Path) -> CheckpointInfo:
+    """`sftkey.json` of a checkpoint; without one: tagged, seed 0, arm = the folder name.
+
+    The format is the one of the arm in the run config the trainer stored (`config.arms.<arm>.format`; it holds
+    one arm, which for a reused stage is the arm that trained it).
+    """
+    folder = Path(folder)
+    path = folder / CHECKPOINT_META
+    if not path.exists():
+        return CheckpointInfo(arm=folder.name)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: not valid JSON ({e}); fix or delete the file (the defaults then apply)") from None
+    if not isinstance(meta, dict):
+        raise EvalError(f"{path}: expected a JSON object with arm, seed, stage, step")
+    arms = (meta.get("config") or {}).get("arms") or {}
+    response_format = next(iter(arms.values()), {}).get("format", "tagged")
+    return CheckpointInfo(
+        arm=str(meta.get("arm") or folder.name),
+        seed=int(meta.get("seed", 0)),
+        tagged=response_format == "tagged",
+        stage=meta.get("stage"),
+        step=meta.get("step"),
+        data_version=meta.get("data_version"),
+    )
+
+
+def check_checkpoint(name: str) -> Path:
+    """The local folder of `name` with weights, config and tokenizer, or an error saying what is missing."""
+    from sftkey.models import ModelResolveError, resolve_model
+
+    try:
+        folder = resolve_model(name)
+    except ModelResolveError as e:
+        raise EvalError(f"checkpoint: {e}") from None
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise EvalError(
+            f"checkpoint {str(folder)!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the tokenizer "
+            "into the folder with the weights (tokenizer.save_pretrained(folder))"
+        )
+    return folder
+
+
+def gold_records(config: DataConfig, annotation: AnnotationConfig | None = None) -> tuple[list[Annotated], dict]:
+    """The annotated records (question + gold answer) and facts about them for the summary."""
+    records, source = load_records(config)
+    annotated, exclusions = annotate(config.dataset, records, annotation)
+    if not annotated:
+        reasons = exclusion_counts(exclusions) or {"no records": 0}
+        raise EvalError(
+            f"{source}: no question with a gold answer ({len(records)} records, excluded: {reasons}); "
+            "check --dataset and --data-path (jsonl: --answer-field or a `#### answer` line)"
+        )
+    facts = {
+        "source": source,
+        "data_version": content_version(records),
+        "excluded": len(exclusions),
+        "excluded_by_reason": exclusion_counts(exclusions),
+    }
+    return annotated, facts
+
+
+def default_out(checkpoint: Path, data: DataConfig) -> Path:
+    suffix = f"-limit{data.limit}" if data.limit else ""
+    return checkpoint / "eval" / f"{data.dataset}-{data.split}{suffix}"
+
+
+def read_outputs(path: Path) -> list[dict]:
+    """Rows already written. A last line cut off by a crash is dropped (and removed from the file)."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise EvalError(
+                    f"{path} line {number}: not valid JSON; delete that line (its question is asked again) "
+                    "or the file (all questions are asked again)"
+                ) from None
+            write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, then rename it over `path`."""
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def score_row(generation: Generation, gold: str, dataset: str, tagged: bool) -> dict:
+    """The output row: the generation, the gold answer and the score fields. Never raises."""
+    from sftkey.score import score_output
+
+    row = asdict(generation) | {"gold": gold}
+    try:
+        return row | score_output(generation.output, gold, dataset, tagged)
+    except Exception as e:  # a scorer bug must not cost the outputs of a long run: score as wrong, say why
+        return row | {"format_ok": False, "strict_correct": False, "lenient_correct": False, "pred_strict": None,
+                      "pred_lenient": None, "reasoning_chars": 0, "reason": f"scoring error: {type(e).__name__}: {e}"}
+
+
+def metrics(rows: list[dict]) -> dict:
+    """The summary metrics of scored rows (names without commas, see sftkey.score.METRIC_NAMES)."""
+    from sftkey.score import summarize
+
+    if not rows:
+        return {}
+    return summarize(rows, [r["stop_reason"] == STOP_LENGTH for r in rows])
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Run (or resume) one evaluation; returns the summary written to `<out>/summary.json`."""
+    started = time.perf_counter()
+    folder = check_checkpoint(config.checkpoint)
+    info = read_checkpoint_info(folder)
+    tagged = info.tagged if config.tagged is None else config.tagged
+    questions, facts = gold_records(config.data, config.annotation)
+    out = Path(config.out) if config.out else default_out(folder, config.data)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "arm": info.arm,
+        "seed": info.seed,
+        "stage": info.stage,
+        "step": info.step,
+        "checkpoint": str(folder.resolve()),
+        "out": str(out),
+        "dataset": config.data.dataset,
+        "split": config.data.split,
+        "limit": config.data.limit,
+        "tagged": tagged,
+        "dtype": config.dtype or "float32",
+        "max_new_tokens": config.generation.max_new_tokens,
+        "temperature": config.generation.temperature,
+        "sampling_seed": config.generation.seed,
+        **facts,
+    }
+    check_resume(out, settings)
+
+    asked = {q.uid for q in questions}
+    rows = [r for r in read_outputs(out / OUTPUTS) if r["uid"] in asked]
+    done = {r["uid"] for r in rows}
+    todo = [q for q in questions if q.uid not in done]
+    write_summary(out, settings, rows, len(questions), started)
+    if todo:
+        from sftkey.generate import generate_batches
+        from sftkey.models import load_model, load_tokenizer
+        from sftkey.tokenize import format_prompt
+
+        tokenizer = load_tokenizer(folder)
+        model = load_model(folder, dtype=config.dtype).to(resolve_device(config.device)).eval()
+        gold = {q.uid: q.answer for q in todo}
+        prompts = [(q.uid, format_prompt(tokenizer, q.question)) for q in todo]
+        with open(out / OUTPUTS, "a", encoding="utf-8") as f:
+            for batch in generate_batches(model, tokenizer, prompts, config.generation):
+                scored = [score_row(g, gold[g.uid], config.data.dataset, tagged) for g in batch]
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
+                f.flush()
+                rows.extend(scored)
+                write_summary(out, settings, rows, len(questions), started)
+    return write_summary(out, settings, rows, len(questions), started)
+
+
+def check_resume(out: Path, settings: dict) -> None:
+    """Refuse to mix outputs made with other settings into this folder."""
+    path = out / SUMMARY
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    changed = [k for k in RESUME_KEYS if previous.get(k) != settings[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {previous.get(k)!r} -> {settings[k]!r}" for k in changed)
+        raise EvalError(
+            f"{out} holds outputs made with other settings ({detail}); pass another --out, "
+            f"or delete {out / OUTPUTS} and {path} to start over"
+        )
+
+
+def write_summary(out: Path, settings: dict, rows: list[dict], n_questions: int, started: float) -> dict:
+    summary = settings | {
+        "n": len(rows),
+        "n_questions": n_questions,
+        "complete": len(rows) == n_questions,
+        "metrics": metrics(rows),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
