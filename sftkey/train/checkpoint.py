@@ -1,0 +1,133 @@
+"""Checkpoint folders: written under a temp name and renamed, so a crash never leaves half of one.
+
+Every checkpoint is a model folder (`AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load it directly:
+safetensors, config, tokenizer) plus `sftkey.json` (what made it: arm, seed, stage, step, data version,
+config) written last, and the trainer state a resume needs: `optimizer.pt` and `scheduler.pt` (periodic
+checkpoints only: a stage-final one starts the next stage with a fresh optimizer), `rng_state_<rank>.pt`,
+and with LoRA the adapter in `adapter/` (the folder itself holds the merged model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+META_FILE = "sftkey.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+ADAPTER_DIR = "adapter"
+FINAL_SUFFIX = "-final"
+
+
+def periodic_name(global_step: int) -> str:
+    return f"step-{global_step:08d}"
+
+
+def final_name(stage: str) -> str:
+    return f"{stage}{FINAL_SUFFIX}"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.pt"
+
+
+def temp_folder(folder: Path) -> Path:
+    """Where `folder` is assembled; the leading dot keeps it out of every search for checkpoints."""
+    return folder.with_name(f".{folder.name}.tmp")
+
+
+def begin(folder: Path) -> Path:
+    """A fresh, empty temp folder for `folder` (a stale one from a crash is removed)."""
+    tmp = temp_folder(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, folder: Path, meta: dict) -> Path:
+    """Write sftkey.json last, then rename the temp folder into place (an older `folder` is swapped out)."""
+    write_json(tmp / META_FILE, meta)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, folder)
+    return folder
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: temp file, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_meta(folder: Path) -> dict | None:
+    """The checkpoint's sftkey.json, or None where the folder is not a complete checkpoint."""
+    try:
+        return json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def complete_checkpoints(checkpoints: Path) -> list[tuple[Path, dict]]:
+    """Complete checkpoints, oldest first: by stage, then step; a stage's final one after its periodic ones."""
+    found = []
+    if Path(checkpoints).is_dir():
+        for folder in Path(checkpoints).iterdir():
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            meta = read_meta(folder)
+            if meta is not None:
+                found.append((folder, meta))
+    return sorted(found, key=lambda item: (item[1]["stage_index"], item[1]["step"], item[1]["final"]))
+
+
+def latest(checkpoints: Path) -> tuple[Path, dict] | None:
+    found = complete_checkpoints(checkpoints)
+    return found[-1] if found else None
+
+
+def prune_periodic(checkpoints: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` periodic checkpoints; stage-final ones stay."""
+    periodic = [folder for folder, meta in complete_checkpoints(checkpoints) if not meta["final"]]
+    removed = periodic[: max(0, len(periodic) - keep_last)]
+    for folder in removed:
+        shutil.rmtree(folder)
+    return removed
+
+
+def link_copy(source: Path, target: Path) -> None:
+    """Copy a folder tree with hard links where the file system allows (a reused stage costs no disk)."""
+    shutil.copytree(source, target, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,59 @@
+"""`sftkey train --config configs/X.yaml [--set key=value ...] [--resume] [--arm NAME] [--seed N]`.
+
+Runs every arm x seed of the config (or the chosen ones), each in `{output_dir}/{arm}/seed{seed}/`, with a progress
+bar. Under `accelerate launch` or `torchrun` every process runs this same command (data parallel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=1e-4 --set arms.sft_tag.stages.0.epochs=1")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each run from its newest complete checkpoint (finished runs are kept)")
+    parser.add_argument("--arm", action="append", default=None, help="run only this arm (repeatable)")
+    parser.add_argument("--seed", action="append", type=int, default=None, help="run only this seed (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sftkey.data import DataError
+    from sftkey.train.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+        arms = args.arm or list(config.arms)
+        seeds = args.seed if args.seed is not None else config.seeds
+        for arm in arms:
+            if arm not in config.arms:
+                raise ConfigError(f"--arm {arm}: no such arm in {args.config}; arms: {', '.join(config.arms)}")
+    except (ConfigError, DataError) as e:
+        print(f"sftkey train: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # only effective before torch starts its thread pool
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    from sftkey.train.trainer import RunStateError, TrainingError, train_arm
+
+    hf_logging.disable_progress_bar()  # our own bar shows the steps; weight loading needs none
+    for arm in arms:
+        for seed in seeds:
+            started = time.perf_counter()
+            try:
+                final = train_arm(config, arm, seed, resume=args.resume, progress=True)
+            except (ConfigError, DataError, RunStateError) as e:
+                print(f"sftkey train: {e}", file=sys.stderr)
+                return 2
+            except TrainingError as e:
+                print(f"sftkey train: {e}", file=sys.stderr)
+                return 1
+            print(f"{arm} seed {seed}: {final} ({time.perf_counter() - started:.1f} s)", flush=True)
+    return 0

@@ -1,0 +1,101 @@
+"""Weights per stage, the batch order, micro-batch split and packing, with exact values."""
+
+import pytest
+
+from sftkey.loss import IGNORE_INDEX as X
+from sftkey.loss import loss_spec
+from sftkey.roles import ANSWER, EOS, PROMPT, THINKING
+from sftkey.tokenize import TokenizedExample
+from sftkey.train.batching import (
+    Sample,
+    StageDataError,
+    StagePlan,
+    collate,
+    epoch_batches,
+    pack_rows,
+    rank_micro_batches,
+    stage_samples,
+)
+from sftkey.train.trainer import lr_factor
+
+P, T, A, E = PROMPT, THINKING, ANSWER, EOS
+EXAMPLE = TokenizedExample("u1", [10, 11, 12, 13, 14, 15, 16], [P, P, T, T, A, A, E])
+
+
+def test_sft_and_key_weights_become_shifted_labels():
+    (sft,), dropped = stage_samples([EXAMPLE], loss_spec("sft"))
+    assert dropped == 0
+    assert sft.targets == [11, 12, 13, 14, 15, 16, X]
+    assert sft.target_roles == [P, T, T, A, A, E, P]
+    assert sft.labels == [X, 12, 13, 14, 15, 16, X]
+    assert sft.weights == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    (key,), _ = stage_samples([EXAMPLE], loss_spec("key"))
+    assert key.labels == [X, X, X, 14, 15, 16, X]  # reasoning stays input, carries no loss
+    assert (key.weight_sum, key.token_count) == (3.0, 3)
+    (weighted,), _ = stage_samples([EXAMPLE], loss_spec("weighted", w_thinking=1.0, w_answer=5.0))
+    assert weighted.weights == [0.0, 1.0, 1.0, 5.0, 5.0, 5.0, 0.0]
+
+
+def test_examples_without_weighted_tokens_are_dropped_and_counted():
+    no_answer = TokenizedExample("u2", [1, 2, 3], [P, T, T])
+    samples, dropped = stage_samples([EXAMPLE, no_answer], loss_spec("key"))
+    assert [s.uid for s in samples] == ["u1"] and dropped == 1
+    with pytest.raises(StageDataError, match="select no token in any of the 1 examples"):
+        stage_samples([no_answer], loss_spec("key"))
+
+
+def test_packing_makes_few_rows_of_similar_length():
+    # 23 tokens need 3 rows of 10; longest first into the least-filled row: 7, 6, 5 open the rows,
+    # 3 joins the 5 (fill 8), 2 joins the 6 (fill 8): rows of 7, 8, 8 tokens, padded to 8
+    assert pack_rows([5, 3, 7, 2, 6], 10) == [[2], [4, 3], [0, 1]]
+    assert pack_rows([9, 9, 2], 10) == [[0], [1], [2]]  # 20 tokens, but 9 + 9 cannot share: a third row opens
+    assert pack_rows([4, 4], 10) == [[0, 1]]
+    with pytest.raises(ValueError, match="an example of 11 tokens does not fit a row of 10"):
+        pack_rows([11], 10)
+
+
+def test_collate_restarts_positions_per_example_and_pads_as_its_own_segment():
+    a = Sample("a", [5, 6, 7], [P, T, A], [6, 7, X], [1.0, 2.0, 0.0])
+    b = Sample("b", [8, 9], [A, E], [9, X], [1.0, 0.0])
+    c = Sample("c", [4], [P], [X], [0.0])
+    batch = collate([a, b, c], [[0, 1], [2]], pad_id=0)
+    t = batch.tensors
+    assert t["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 0, 0, 0, 0]]
+    assert t["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert t["labels"].tolist() == [[6, 7, X, 9, X], [X, X, X, X, X]]
+    assert t["weights"].tolist() == [[1.0, 2.0, 0.0, 1.0, 0.0], [0.0] * 5]
+    assert t["targets"].tolist() == [[6, 7, X, 9, X], [X] * 5]
+    assert t["target_roles"].tolist() == [[T, A, P, E, P], [P] * 5]
+    assert (batch.tokens, batch.slots, batch.uids) == (6, 10, ["a", "b", "c"])
+
+
+def test_batch_order_is_seeded_per_stage_and_epoch_and_drops_the_last_partial_batch():
+    lengths = [10, 50, 20, 40, 30, 60, 70]
+    first = epoch_batches(lengths, 2, seed=0, stage_index=0, epoch=0, bucket=False)
+    assert first == [[3, 6], [5, 2], [1, 4]]  # pinned: the order must not change between versions (resume)
+    assert first != epoch_batches(lengths, 2, seed=0, stage_index=0, epoch=1, bucket=False)
+    assert first != epoch_batches(lengths, 2, seed=1, stage_index=0, epoch=0, bucket=False)
+    assert first != epoch_batches(lengths, 2, seed=0, stage_index=1, epoch=0, bucket=False)
+    # bucketed: the shuffled order less its last partial batch (length 10), sorted by length, cut, batches shuffled
+    bucketed = epoch_batches(lengths, 2, seed=0, stage_index=0, epoch=0, bucket=True)
+    assert bucketed == [[2, 4], [5, 6], [3, 1]]
+    assert [[lengths[i] for i in b] for b in bucketed] == [[20, 30], [60, 70], [40, 50]]
+    plan = StagePlan(lengths, 2, seed=0, stage_index=0, bucket=False)
+    assert plan.steps_per_epoch == 3
+    assert [plan.batch(s) for s in range(3)] == first
+    assert plan.batch(3) == epoch_batches(lengths, 2, 0, 0, 1, False)[0]
+
+
+def test_micro_batches_partition_the_global_batch():
+    batch = [7, 3, 5, 1, 0, 2, 4, 6]
+    assert rank_micro_batches(batch, world=1, accum=1, rank=0) == [batch]
+    assert rank_micro_batches(batch, world=2, accum=2, rank=0) == [[7, 3], [0, 2]]
+    assert rank_micro_batches(batch, world=2, accum=2, rank=1) == [[5, 1], [4, 6]]
+    with pytest.raises(ValueError, match="does not split into 3 processes x 1"):
+        rank_micro_batches(batch, world=3, accum=1, rank=0)
+
+
+def test_learning_rate_schedule():
+    assert [lr_factor(s, total=6, warmup=2, schedule="linear") for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [lr_factor(s, total=4, warmup=0, schedule="constant") for s in range(4)] == [1.0] * 4
+    assert [round(lr_factor(s, total=5, warmup=1, schedule="cosine"), 6) for s in range(5)] == [1.0, 1.0, 0.853553, 0.5, 0.146447]

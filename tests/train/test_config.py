@@ -1,0 +1,135 @@
+"""Config loading: the shipped configs, overrides, and every bad input named with file, line and key."""
+
+from pathlib import Path
+
+import pytest
+
+from sftkey.train.config import (
+    ConfigError,
+    config_from_dict,
+    first_difference,
+    load_config,
+    parse_override,
+    stage_key,
+    training_view,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+GOOD = """\
+model: tiny
+output_dir: runs/x
+data: {dataset: gsm8k, limit: 16, max_length: 512}
+train:
+  batch_size: 8
+  lr: 2e-5
+arms:
+  sft_tag:
+    format: tagged
+    stages:
+      - {name: stage1, loss: sft, epochs: 2}
+"""
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_loads_with_defaults_and_yaml11_numbers(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert config.train.lr == 2e-5  # YAML 1.1 reads `2e-5` as a string; the loader takes it as the number
+    assert config.train.betas == [0.9, 0.95] and config.train.warmup_epochs == 0.5
+    assert config.data.limit == 16 and config.data.max_length == 512
+    prepare_config = config.data.prepare_config(tagged=True)
+    assert (prepare_config.data.limit, prepare_config.max_length, prepare_config.tagged) == (16, 512, True)
+    assert config.arms["sft_tag"].stages[0].epochs == 2.0
+
+
+def test_overrides_are_yaml_parsed_and_reach_lists(tmp_path):
+    config = load_config(write(tmp_path, GOOD), ["train.lr=1e-4", "arms.sft_tag.stages.0.epochs=3",
+                                                 "train.lora={r: 4}", "seeds=[1, 2]"])
+    assert config.train.lr == 1e-4
+    assert config.arms["sft_tag"].stages[0].epochs == 3.0
+    assert config.train.lora.r == 4 and config.train.lora.target_modules[0] == "q_proj"
+    assert config.seeds == [1, 2]
+    assert parse_override("a.b.0.c=x") == (["a", "b", 0, "c"], "x")
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    (GOOD.replace("  lr: 2e-5", "  lrr: 2e-5"), [],
+     "job.yaml line 6: train.lrr: unknown key; did you mean 'lr'?"),
+    (GOOD, ["train.warmup=1"], "--set train.warmup: train.warmup: unknown key; did you mean 'warmup_steps'?"),
+    (GOOD.replace("{name: stage1, loss: sft, epochs: 2}", "{name: stage1, loss: sft, epoch: 2}"), [],
+     "job.yaml line 11: arms.sft_tag.stages[0].epoch: unknown key; did you mean 'epochs'?"),
+    (GOOD.replace("epochs: 2", "epochs: 0"), [],
+     "job.yaml line 11: arms.sft_tag.stages[0].epochs: stage has no steps: epochs must be > 0, got 0.0"),
+    (GOOD.replace("epochs: 2", "steps: 0"), [],
+     "job.yaml line 11: arms.sft_tag.stages[0].steps: stage has no steps: steps must be >= 1, got 0"),
+    (GOOD.replace(", epochs: 2", ""), [],
+     "job.yaml line 11: arms.sft_tag.stages[0]: give exactly one of epochs or steps (got epochs=None, steps=None)"),
+    (GOOD.replace("lr: 2e-5", "lr: 0"), [],
+     "job.yaml line 6: train.lr: learning rate must be a finite number > 0, got 0.0"),
+    (GOOD.replace("lr: 2e-5", "lr: .nan"), [],
+     "job.yaml line 6: train.lr: learning rate must be a finite number > 0, got nan"),
+    (GOOD, ["arms.sft_tag.stages.0.lr=.nan"],
+     "--set arms.sft_tag.stages.0.lr: arms.sft_tag.stages[0].lr: learning rate must be a finite number > 0, got nan"),
+    (GOOD.replace("loss: sft", "loss: custom, loss_args: {weights: {thinking: 0.0}}"), [],
+     "job.yaml line 11: arms.sft_tag.stages[0].loss: loss weights {'thinking': 0.0} select no token: "
+     "give some role a weight > 0"),
+    (GOOD.replace("loss: sft", "loss: keys"), [],
+     "arms.sft_tag.stages[0].loss: unknown loss 'keys': choose one of ['dft', 'key', 'sft', 'weighted', 'custom']"),
+    (GOOD.replace("format: tagged", "format: tag"), [],
+     "job.yaml line 9: arms.sft_tag.format: 'tag' is not one of tagged, plain"),
+    (GOOD, ["train.pack_length=256"],
+     "--set train.pack_length: train.pack_length: 256 is shorter than data.max_length 512"),
+    (GOOD, ["train.grad_accum=3"], "train.batch_size: 8 is not divisible by train.grad_accum 3"),
+    (GOOD, ["data.dataset=gsm9k"], "job.yaml line 3 (with --set data.dataset): data: unknown dataset 'gsm9k'"),
+    (GOOD.replace("batch_size: 8", "batch_size: eight"), [],
+     "job.yaml line 5: train.batch_size: expected an integer, got 'eight'"),
+])
+def test_bad_config_is_named_before_any_work(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(error.value)
+
+
+def test_shipped_configs_load_and_cover_the_arms():
+    smoke = load_config(CONFIGS / "smoke_cpu.yaml")
+    assert (smoke.model, list(smoke.arms)) == ("tiny", ["sft_tag", "sftkey_tag"])
+    demo = load_config(CONFIGS / "demo_cpu.yaml")
+    assert demo.model == "default" and list(demo.arms) == ["sft_tag", "sftkey_tag"]
+    gpu = load_config(CONFIGS / "gsm8k_smollm2_gpu.yaml")
+    assert gpu.seeds == [0, 1, 2]
+    assert {name: (arm.format, [(s.loss, s.epochs) for s in arm.stages]) for name, arm in gpu.arms.items()} == {
+        "sft": ("plain", [("sft", 2.0)]),
+        "sft_tag": ("tagged", [("sft", 2.0)]),
+        "key_tag": ("tagged", [("key", 2.0)]),
+        "sftkey_tag": ("tagged", [("sft", 2.0), ("key", 1.0)]),
+        "sft_tag_matched": ("tagged", [("sft", 2.0), ("sft", 1.0)]),
+        "weighted_tag": ("tagged", [("weighted", 3.0)]),
+        "dft_tag": ("tagged", [("dft", 3.0)]),
+    }
+    assert gpu.data.limit is None and gpu.train.batch_size == 32
+
+
+def test_stage_key_is_shared_by_identical_stages_only(tmp_path):
+    config = load_config(write(tmp_path, GOOD), [
+        "arms.sftkey_tag={format: tagged, stages: [{name: first, loss: sft, epochs: 2}, {name: second, loss: key, epochs: 1}]}"
+    ])
+    one = stage_key(config, "sft_tag", 0, 0, "v1")
+    assert stage_key(config, "sftkey_tag", 0, 0, "v1") == one  # stage names are labels, not identity
+    assert stage_key(config, "sftkey_tag", 0, 1, "v1") != one
+    assert stage_key(config, "sft_tag", 1, 0, "v1") != one
+    assert stage_key(config, "sft_tag", 0, 0, "v2") != one
+    changed = load_config(write(tmp_path, GOOD), ["train.save_every=5", "output_dir=elsewhere"])
+    assert stage_key(changed, "sft_tag", 0, 0, "v1") == one  # bookkeeping does not change the weights
+
+
+def test_first_difference_names_the_key():
+    base = config_from_dict({"arms": {"a": {"stages": [{"loss": "sft", "steps": 1}]}}})
+    changed = config_from_dict({"train": {"lr": 3e-5}, "arms": {"a": {"stages": [{"loss": "sft", "steps": 1}]}}})
+    assert first_difference(training_view(base, "a", 0), training_view(changed, "a", 0)) == "train.lr: 2e-05 -> 3e-05"
+    assert first_difference({"x": [1, 2]}, {"x": [1, 3]}) == "x.1: 2 -> 3"
+    assert first_difference({"x": 1}, {"x": 1}) is None
