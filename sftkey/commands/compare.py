@@ -2,7 +2,9 @@
 against a baseline arm, a Markdown table with verdict lines, `compare.json` and a PNG.
 
 Each RUN_DIR is an output folder of `sftkey eval` (with summary.json and outputs.jsonl) or a folder holding
-such folders. Runs are grouped by the arm and seed their summary records.
+such folders. Runs are grouped by the arm and seed their summary records. Where an evaluated checkpoint sits in
+a training run (`<run>/checkpoints/<name>/`, with `<run>/metrics.jsonl`), the arm's answer-span training loss
+is plotted too (`answer_loss.png`, the lowest seed of each arm).
 """
 
 from __future__ import annotations
@@ -42,6 +44,31 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
+def training_log(checkpoint: str) -> Path | None:
+    """The `metrics.jsonl` of the training run that wrote `checkpoint`, if it is one of the trainer's."""
+    log = Path(checkpoint).parent.parent / "metrics.jsonl"
+    return log if log.is_file() else None
+
+
+def answer_loss_curves(runs: list[Path]) -> dict[str, list[tuple[int, float]]]:
+    """arm -> [(step, answer loss)] from the training log of the arm's lowest evaluated seed."""
+    from sftkey.train.tracking import read_metrics
+
+    logs: dict[str, tuple[int, Path]] = {}
+    for run in runs:
+        summary = json.loads((run / SUMMARY).read_text(encoding="utf-8"))
+        log = training_log(summary["checkpoint"])
+        seed = int(summary["seed"])
+        if log and (summary["arm"] not in logs or seed < logs[summary["arm"]][0]):
+            logs[summary["arm"]] = (seed, log)
+    curves = {}
+    for arm, (_, log) in logs.items():
+        points = [(row["step"], row["loss_answer"]) for row in read_metrics(log) if "loss_answer" in row]
+        if points:
+            curves[arm] = points
+    return curves
+
+
 def load_outcomes(runs: list[Path], field: str) -> tuple[dict, dict]:
     """(correct, format_ok) as arm -> seed -> uid -> bool, checking that all runs scored the same data set."""
     from sftkey.evaluate import read_outputs
@@ -75,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from sftkey import compare
 
     try:
-        correct, format_ok = load_outcomes(find_runs(args.runs), CORRECT_FIELDS[args.metric])
+        runs = find_runs(args.runs)
+        correct, format_ok = load_outcomes(runs, CORRECT_FIELDS[args.metric])
         baseline = args.baseline or next(iter(correct))
         if baseline not in correct:
             raise CompareError(f"--baseline {baseline!r} is not among the arms {sorted(correct)}")
@@ -87,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     print(compare.to_markdown(summaries, comparisons), end="")
-    compare.to_json(out / "compare.json", summaries, comparisons)
-    compare.plot_accuracy(summaries, out / "accuracy.png")
-    print(f"wrote {out / 'compare.json'} and {out / 'accuracy.png'}")
+    written = [compare.to_json(out / "compare.json", summaries, comparisons),
+               compare.plot_accuracy(summaries, out / "accuracy.png")]
+    curves = answer_loss_curves(runs)
+    if curves:
+        written.append(compare.plot_loss_curves(curves, out / "answer_loss.png"))
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0
