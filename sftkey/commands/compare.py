@@ -44,10 +44,10 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
-def training_log(checkpoint: str) -> Path | None:
+def training_log(checkpoint: str | None) -> Path | None:
     """The `metrics.jsonl` of the training run that wrote `checkpoint`, if it is one of the trainer's."""
-    log = Path(checkpoint).parent.parent / "metrics.jsonl"
-    return log if log.is_file() else None
+    log = Path(checkpoint).parent.parent / "metrics.jsonl" if checkpoint else None
+    return log if log and log.is_file() else None
 
 
 def answer_loss_curves(runs: list[Path]) -> dict[str, list[tuple[int, float]]]:
@@ -57,7 +57,7 @@ def answer_loss_curves(runs: list[Path]) -> dict[str, list[tuple[int, float]]]:
     logs: dict[str, tuple[int, Path]] = {}
     for run in runs:
         summary = json.loads((run / SUMMARY).read_text(encoding="utf-8"))
-        log = training_log(summary["checkpoint"])
+        log = training_log(summary.get("checkpoint"))
         seed = int(summary["seed"])
         if log and (summary["arm"] not in logs or seed < logs[summary["arm"]][0]):
             logs[summary["arm"]] = (seed, log)
