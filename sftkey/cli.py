@@ -14,6 +14,9 @@ COMMANDS = {
     "train": ("sftkey.train.cli", "run a training job (a list of stages) from a YAML config"),
     "eval": ("sftkey.commands.eval", "generate answers with a checkpoint and score them"),
     "compare": ("sftkey.commands.compare", "compare arms x seeds: intervals, paired tests, verdicts, plots"),
+    "pipeline": ("sftkey.commands.pipeline", "run the whole pipeline (Dagster assets, MLflow, DVC, registry) in this process"),
+    "ui": ("sftkey.commands.ui", "start the Dagster UI (127.0.0.1:3000) and the MLflow UI (127.0.0.1:5000); Ctrl-C stops both"),
+    "regress": ("sftkey.commands.regress", "run the pipeline on a fixed config; exit 1 when a metric falls below its baseline"),
 }
 
 

@@ -194,7 +194,7 @@ def _convert(value: Any, hint: Any, keys: tuple, source: ConfigSource) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], keys, source)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, keys, source)
+        return build_dataclass(hint, value, keys, source)
     if origin is list:
         if not isinstance(value, list):
             raise _fail(source, keys, f"expected a list, got {value!r}")
@@ -230,7 +230,8 @@ def _convert(value: Any, hint: Any, keys: tuple, source: ConfigSource) -> Any:
     raise TypeError(f"config field type {hint!r} is not supported")
 
 
-def _build(cls, raw: Any, keys: tuple, source: ConfigSource):
+def build_dataclass(cls, raw: Any, keys: tuple, source: ConfigSource):
+    """`cls` from a YAML mapping at `keys`, every field typed and checked; errors name `source`'s file and line."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -317,7 +318,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 def config_from_dict(raw: dict, source: ConfigSource | None = None) -> TrainConfig:
     source = source or ConfigSource(None, None, set())
-    config = _build(TrainConfig, raw, (), source)
+    config = build_dataclass(TrainConfig, raw, (), source)
     config._source = source
     validate(config)
     return config

@@ -1,0 +1,485 @@
+"""The asset graph: raw_dataset -> annotated_dataset -> tokenized_dataset -> (per arm x seed) stage1_model ->
+stage2_model -> benchmark_scores -> arm_comparison -> registered_model -> champion_model.
+
+Assets are thin: the work is the library's (sftkey.data, annotate, prepare, train, evaluate, compare). Each
+materialization is one MLflow run under the pipeline's parent run; what a person reads in the Dagster UI is
+in the materialization metadata. Values passed between assets are small dicts of paths and versions.
+"""
+
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import dagster as dg
+
+from orchestration.config import (
+    BenchmarkAssetConfig,
+    ComparisonAssetConfig,
+    RegistryAssetConfig,
+    TrainingAssetConfig,
+)
+from orchestration.dvc_data import DvcResource
+from orchestration.resources import ComputeResource, ModelStore, content_key, write_atomic
+from orchestration.tracking import MlflowResource
+
+# Outputs carry data versions (content keys) so the UI can tell a stale asset; the parameter is beta in 1.13.
+warnings.filterwarnings("ignore", message="Parameter `data_version` of initializer `Output.__init__`",
+                        category=dg.BetaWarning)
+
+ARM_SEED = dg.MultiPartitionsDefinition(
+    {"arm": dg.DynamicPartitionsDefinition(name="arm"), "seed": dg.DynamicPartitionsDefinition(name="seed")}
+)
+GROUP = "sftkey"  # one group: the UI draws the whole graph expanded (it folds each of several groups)
+
+
+def training_config(config: TrainingAssetConfig):
+    from sftkey.train.config import config_from_dict
+
+    return config_from_dict(config.training)
+
+
+def data_config(training):
+    """The records part of `training.data` (its DataConfig fields)."""
+    from sftkey.data import DataConfig
+
+    return DataConfig(**{f.name: getattr(training.data, f.name) for f in dataclasses.fields(DataConfig)})
+
+
+def _jsonl(path: Path, rows) -> Path:
+    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+@dg.asset(group_name=GROUP, code_version="1")
+def raw_dataset(context: dg.AssetExecutionContext, config: TrainingAssetConfig, store: ModelStore,
+                dvc: DvcResource, tracking: MlflowResource) -> dg.Output[dict]:
+    """The training records, DVC-tracked (one revision per content version) with their content version."""
+    from sftkey.data import content_version, load_records
+
+    training = training_config(config)
+    data = data_config(training)
+    with tracking.asset_run(context) as run:
+        records, source = load_records(data)
+        version = content_version(records)
+        with store.claim("raw", version) as folder:
+            file = folder / "records.jsonl"
+            if not file.exists():
+                _jsonl(file, (dataclasses.asdict(r) for r in records))
+        name = f"{data.dataset}-{data.split}"
+        tracked = dvc.track(file, f"raw/{name}.jsonl", f"raw {name} {version[:12]} ({len(records)} records)")
+        value = {"dataset": data.dataset, "split": data.split, "source": source, "records": len(records),
+                 "data_version": version, "dvc_path": tracked.path, "dvc_rev": tracked.rev, "dvc_md5": tracked.md5,
+                 "dvc_repo": str(dvc.root())}
+        run.log_params({"data": dataclasses.asdict(data)})
+        run.set_tags({"sftkey.data_version": version, "sftkey.dvc_rev": tracked.rev})
+        run.log_metrics({"records": len(records)})
+    return dg.Output(value, data_version=dg.DataVersion(version), metadata={
+        "records": len(records), "source": source, "data_version": version,
+        "dvc": f"{tracked.path} @ {tracked.rev[:12]} (md5 {tracked.md5})",
+        "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
+    })
+
+
+@dg.asset(group_name=GROUP, code_version="1")
+def annotated_dataset(context: dg.AssetExecutionContext, config: TrainingAssetConfig, raw_dataset: dict,
+                      store: ModelStore, dvc: DvcResource, tracking: MlflowResource) -> dg.Output[dict]:
+    """Records split into reasoning and answer, read from the DVC revision raw_dataset made; the exclusion report."""
+    from sftkey.annotate import annotate, exclusion_counts
+    from sftkey.data import Record
+
+    training = training_config(config)
+    annotation = training.data.annotation
+    with tracking.asset_run(context) as run:
+        text = dvc.read_text(raw_dataset["dvc_path"], raw_dataset["dvc_rev"])
+        records = [Record(**json.loads(line)) for line in text.splitlines() if line.strip()]
+        kept, excluded = annotate(raw_dataset["dataset"], records, annotation)
+        key = content_key(raw_dataset["data_version"], dataclasses.asdict(annotation))
+        with store.claim("annotated", key) as folder:
+            _jsonl(folder / "records.jsonl", (dataclasses.asdict(a) for a in kept))
+            _jsonl(folder / "exclusions.jsonl", (dataclasses.asdict(e) for e in excluded))
+        coverage = len(kept) / len(records) if records else 0.0
+        reasons = exclusion_counts(excluded)
+        run.log_params({"annotation": dataclasses.asdict(annotation)})
+        run.set_tags({"sftkey.data_version": raw_dataset["data_version"], "sftkey.dvc_rev": raw_dataset["dvc_rev"]})
+        run.log_metrics({"kept": len(kept), "excluded": len(excluded), "coverage": coverage})
+        run.log_artifact(folder / "exclusions.jsonl")
+    value = {"folder": str(folder), "records": len(records), "kept": len(kept), "excluded": len(excluded),
+             "coverage": coverage, "exclusions_by_reason": reasons, "kept_uids": [a.uid for a in kept]}
+    return dg.Output(value, data_version=dg.DataVersion(key), metadata={
+        "records": len(records), "kept": len(kept), "excluded": len(excluded), "coverage": coverage,
+        "exclusions": dg.MetadataValue.md(_md_table(["reason", "records"], [[r, n] for r, n in reasons.items()])
+                                          if reasons else "no exclusions"),
+        "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
+    })
+
+
+@dg.asset(group_name=GROUP, code_version="1")
+def tokenized_dataset(context: dg.AssetExecutionContext, config: TrainingAssetConfig, raw_dataset: dict,
+                      annotated_dataset: dict, store: ModelStore, dvc: DvcResource,
+                      tracking: MlflowResource) -> dg.Output[dict]:
+    """The prepared (tokenized, role-tagged) data set in each response format the arms use, DVC-tracked."""
+    from sftkey.models import load_tokenizer, resolve_model
+    from sftkey.prepare import prepare, write_prepared
+
+    training = training_config(config)
+    formats = sorted({arm.format for arm in training.arms.values()})
+    tokenizer = load_tokenizer(training.model)
+    model_folder = str(resolve_model(training.model))
+    prepared_by_format, rows = {}, []
+    with tracking.asset_run(context) as run:
+        for fmt in formats:
+            prepare_config = training.data.prepare_config(fmt == "tagged")
+            key = content_key(raw_dataset["data_version"], dataclasses.asdict(prepare_config), model_folder)
+            with store.claim("prepared", key) as folder:
+                if not (folder / "meta.json").exists():
+                    prepared = prepare(prepare_config, tokenizer)
+                    if prepared.meta["data_version"] != raw_dataset["data_version"]:
+                        raise RuntimeError(
+                            f"{prepared.meta['source']} changed since raw_dataset was materialized (data version "
+                            f"{prepared.meta['data_version'][:12]} vs {raw_dataset['data_version'][:12]}): "
+                            "re-materialize raw_dataset")
+                    write_prepared(prepared, folder)
+                meta = json.loads((folder / "meta.json").read_text())
+            prepared_uids = {json.loads(line)["uid"] for line in (folder / "records.jsonl").open(encoding="utf-8")}
+            if not prepared_uids <= set(annotated_dataset["kept_uids"]):
+                raise RuntimeError(f"{folder}: prepared records that annotated_dataset excluded "
+                                   f"({sorted(prepared_uids - set(annotated_dataset['kept_uids']))[:3]}); the "
+                                   "annotation rules changed: re-materialize annotated_dataset")
+            name = f"{raw_dataset['dataset']}-{raw_dataset['split']}-{fmt}"
+            tracked = dvc.track(folder, f"prepared/{name}", f"prepared {name} {key}")
+            prepared_by_format[fmt] = {"folder": str(folder), "key": key, "dvc_path": tracked.path,
+                                       "dvc_rev": tracked.rev, "kept": meta["counts"]["kept"],
+                                       "tokens_by_role": meta["tokens_by_role"],
+                                       "answer_token_share": meta["answer_token_share"]}
+            rows.append([fmt, meta["counts"]["kept"], meta["counts"]["excluded"],
+                         f"{meta['answer_token_share']:.2%}", tracked.rev[:12]])
+            run.log_metrics({f"{fmt}.kept": meta["counts"]["kept"], f"{fmt}.answer_token_share": meta["answer_token_share"]})
+        run.log_params({"model": training.model, "max_length": training.data.max_length, "formats": formats})
+        run.set_tags({"sftkey.data_version": raw_dataset["data_version"], "sftkey.dvc_rev": raw_dataset["dvc_rev"]})
+    value = {"data_version": raw_dataset["data_version"], "dvc_rev": raw_dataset["dvc_rev"],
+             "formats": prepared_by_format}
+    return dg.Output(value, data_version=dg.DataVersion(content_key(prepared_by_format)), metadata={
+        "formats": dg.MetadataValue.md(_md_table(["format", "kept", "excluded", "answer-token share", "DVC rev"], rows)),
+        "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
+    })
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def partition(context: dg.AssetExecutionContext) -> tuple[str, int]:
+    keys = context.partition_key.keys_by_dimension
+    return keys["arm"], int(keys["seed"])
+
+
+def arm_of(training, arm: str, seed: int):
+    if arm not in training.arms:
+        raise ValueError(f"partition arm {arm!r} is not an arm of the config ({', '.join(training.arms)}): "
+                         "materialize the partitions of this config's arms")
+    if seed not in training.seeds:
+        raise ValueError(f"partition seed {seed} is not a seed of the config ({training.seeds})")
+    return training.arms[arm]
+
+
+def finished_stage(folder: Path, seed: int, key: str) -> Path | None:
+    """A final checkpoint with stage key `key` in a store folder, whichever arm trained it (SFTKey-Tag's stage 1
+    is SFT-Tag's): the stage's result, ready to reuse."""
+    from sftkey.train.checkpoint import FINAL_SUFFIX, read_meta
+
+    for meta_file in sorted(folder.glob(f"*/seed{seed}/checkpoints/*{FINAL_SUFFIX}/sftkey.json")):
+        meta = read_meta(meta_file.parent)
+        if meta and meta.get("stage_key") == key:
+            return meta_file.parent
+    return None
+
+
+def stage_metrics(checkpoint: Path, stage: str) -> list[dict]:
+    """The per-step metrics that the trainer logged for `stage` next to the checkpoint's run."""
+    from sftkey.train.tracking import read_metrics
+    from sftkey.train.trainer import METRICS_FILE
+
+    path = checkpoint.parent.parent / METRICS_FILE
+    return [row for row in read_metrics(path) if row.get("stage") == stage] if path.exists() else []
+
+
+def train_stage(context: dg.AssetExecutionContext, config: TrainingAssetConfig, tokenized: dict, stage_index: int,
+                init: str, store: ModelStore, compute: ComputeResource, tracking: MlflowResource,
+                log_model: bool) -> dg.Output[dict]:
+    """Stage `stage_index` of the partition's arm from `init`, in a folder named by the stage's key: a finished
+    stage is reused, an interrupted one resumes from its newest checkpoint, a new one trains."""
+    from sftkey.train.config import stage_key, training_view
+
+    arm, seed = partition(context)
+    training = training_config(config)
+    arm_config = arm_of(training, arm, seed)
+    stage = arm_config.stages[stage_index]
+    data_version = tokenized["data_version"]
+    key = stage_key(training, arm, seed, stage_index, data_version)
+    tags = {"sftkey.arm": arm, "sftkey.seed": str(seed), "sftkey.stage": stage.name, "sftkey.stage_key": key,
+            "sftkey.data_version": data_version, "sftkey.dvc_rev": tokenized["dvc_rev"]}
+    with tracking.asset_run(context, tags=tags) as run:
+        run.log_params(training_view(training, arm, seed) | {"init": init, "stage_index": stage_index})
+        with store.claim("models", key[:20]) as folder:
+            checkpoint = finished_stage(folder, seed, key)
+            status = "reused"
+            if checkpoint is None:
+                status = "trained"
+                staged = dataclasses.replace(training, output_dir=str(folder))
+                checkpoint = compute.run_stage(context, staged, arm, seed, stage_index, init,
+                                               tokenized["formats"][arm_config.format]["folder"])
+        rows = stage_metrics(checkpoint, stage.name)
+        run.log_metric_rows([(row["step"], {k: v for k, v in row.items() if k not in ("type", "step", "arm", "seed",
+                                                                                      "stage")}) for row in rows])
+        model_uri = logged_model_uri(run, checkpoint, store, tracking) if log_model else None
+    losses = [(row["step"], row["loss"]) for row in rows]
+    value = {"arm": arm, "seed": seed, "stage": stage.name, "stage_index": stage_index, "key": key,
+             "checkpoint": str(checkpoint), "status": status, "losses": losses,
+             "answer_losses": [(row["step"], row["loss_answer"]) for row in rows if "loss_answer" in row],
+             "data_version": data_version, "dvc_rev": tokenized["dvc_rev"], "mlflow_run_id": run.run_id,
+             "model_uri": model_uri}
+    return dg.Output(value, data_version=dg.DataVersion(key[:20]), metadata={
+        "status": status, "stage": stage.name, "loss": stage.loss, "steps": len(rows),
+        "final_loss": losses[-1][1] if losses else float("nan"), "checkpoint": dg.MetadataValue.path(str(checkpoint)),
+        "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
+    })
+
+
+def logged_model_uri(run, checkpoint: Path, store: ModelStore, tracking: MlflowResource) -> str:
+    """Log the checkpoint as an MLflow transformers model, once per checkpoint and tracking store: a reused
+    checkpoint points at the model logged before instead of copying its weights again."""
+    key = content_key(str(checkpoint), tracking.resolve_uri())
+    with store.claim("logged_models", key) as folder:
+        record = folder / "model.json"
+        if record.exists():
+            uri = json.loads(record.read_text())["model_uri"]
+            run.set_tags({"sftkey.model_logged_in_run": json.loads(record.read_text())["run_id"]})
+            return uri
+        uri = run.log_model(checkpoint)
+        write_atomic(record, json.dumps({"model_uri": uri, "run_id": run.run_id}) + "\n")
+    return uri
+
+
+def passed_through(context: dg.AssetExecutionContext, training, stage1: dict, store: ModelStore,
+                   tracking: MlflowResource) -> dg.Output[dict]:
+    """stage2_model of a one-stage arm: its stage-1 model, logged to MLflow as the arm's final model."""
+    from sftkey.train.config import training_view
+
+    arm, seed = stage1["arm"], stage1["seed"]
+    why = f"arm {arm} has one stage: its stage2_model is its stage-1 model"
+    context.log.info(why)
+    tags = {"sftkey.arm": arm, "sftkey.seed": str(seed), "sftkey.stage": stage1["stage"],
+            "sftkey.stage_key": stage1["key"], "sftkey.data_version": stage1["data_version"],
+            "sftkey.dvc_rev": stage1["dvc_rev"]}
+    with tracking.asset_run(context, tags=tags) as run:
+        run.log_params(training_view(training, arm, seed) | {"init": stage1["checkpoint"], "skipped": True})
+        model_uri = logged_model_uri(run, Path(stage1["checkpoint"]), store, tracking)
+    value = dict(stage1, status="skipped", losses=[], mlflow_run_id=run.run_id, model_uri=model_uri)
+    return dg.Output(value, data_version=dg.DataVersion(stage1["key"][:20]), metadata={
+        "status": "skipped", "why": why, "checkpoint": dg.MetadataValue.path(stage1["checkpoint"]),
+        "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
+    })
+
+
+@dg.asset(partitions_def=ARM_SEED, group_name=GROUP, code_version="1")
+def stage1_model(context: dg.AssetExecutionContext, config: TrainingAssetConfig, tokenized_dataset: dict,
+                 store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
+    """The arm's first stage from the base model (SFT-Tag: SFT on the tagged response; Key-Tag: answer only)."""
+    training = training_config(config)
+    return train_stage(context, config, tokenized_dataset, 0, training.model, store, compute, tracking,
+                       log_model=False)
+
+
+@dg.asset(partitions_def=ARM_SEED, group_name=GROUP, code_version="1")
+def stage2_model(context: dg.AssetExecutionContext, config: TrainingAssetConfig, tokenized_dataset: dict,
+                 stage1_model: dict, store: ModelStore, compute: ComputeResource,
+                 tracking: MlflowResource) -> dg.Output[dict]:
+    """The arm's second stage from its stage-1 weights (SFTKey-Tag: loss on the answer span only); an arm with
+    one stage passes its stage-1 model through. Either way the arm's final model is logged to MLflow here."""
+    arm, seed = partition(context)
+    training = training_config(config)
+    if len(arm_of(training, arm, seed).stages) < 2:
+        return passed_through(context, training, stage1_model, store, tracking)
+    output = train_stage(context, config, tokenized_dataset, 1, stage1_model["checkpoint"], store, compute,
+                         tracking, log_model=True)
+    output.value["answer_losses"] = stage1_model["answer_losses"] + output.value["answer_losses"]  # both stages
+    return output
+
+
+# ---------------------------------------------------------------------------------- benchmark and reports
+
+
+def partition_record_path(store: ModelStore, arm: str, seed: int) -> Path:
+    """Where benchmark_scores leaves one arm x seed's outcomes for arm_comparison, inside this pipeline run."""
+    return store.run_folder("scores", arm) / f"seed{seed}.json"
+
+
+@dg.asset(partitions_def=ARM_SEED, group_name=GROUP, code_version="1")
+def benchmark_scores(context: dg.AssetExecutionContext, config: BenchmarkAssetConfig, stage2_model: dict,
+                     store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
+    """The arm's final model answers the held-out questions: our scorer (strict, lenient, format) and the
+    lm-eval tasks. Outputs are resumable: a crash mid-benchmark continues where it stopped."""
+    from sftkey.data import DataConfig
+    from sftkey.evaluate import OUTPUTS, SUMMARY, EvalConfig, evaluate
+    from sftkey.generate import GenerationConfig
+
+    arm, seed = partition(context)
+    bench = config.model_dump()
+    key = content_key(stage2_model["key"], bench)
+    data = DataConfig(config.dataset, config.split, path=config.path, limit=config.limit)
+    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=False)
+    with tracking.asset_run(context, tags={"sftkey.arm": arm, "sftkey.seed": str(seed)}) as run:
+        run.log_params({"benchmark": bench, "checkpoint": stage2_model["checkpoint"]})
+        with store.claim("scores", key) as folder:
+            summary = evaluate(EvalConfig(checkpoint=stage2_model["checkpoint"], data=data, generation=generation,
+                                          out=str(folder), device=compute.resolved_device()))
+            rows = [json.loads(line) for line in (folder / OUTPUTS).read_text(encoding="utf-8").splitlines()]
+            metrics = dict(summary["metrics"])
+            if config.lm_eval_tasks:
+                metrics.update(lm_eval_metrics(config, stage2_model["checkpoint"], compute, folder))
+        outcomes = {row["uid"]: bool(row["strict_correct"]) for row in rows}
+        formats = {row["uid"]: bool(row["format_ok"]) for row in rows}
+        write_atomic(folder / "outcomes.json", json.dumps(outcomes, indent=1, sort_keys=True) + "\n")
+        run.log_metrics(metrics)
+        run.log_artifact(folder / "outcomes.json")
+        run.log_artifact(folder / SUMMARY)
+        run.log_artifact(folder / OUTPUTS)
+        run.set_tags({"sftkey.data_version": stage2_model["data_version"], "sftkey.dvc_rev": stage2_model["dvc_rev"]})
+    record = {"arm": arm, "seed": seed, "metrics": metrics, "outcomes": outcomes, "format_ok": formats,
+              "folder": str(folder), "benchmark_run_id": run.run_id, "model_uri": stage2_model.get("model_uri"),
+              "model_run_id": stage2_model.get("mlflow_run_id"), "checkpoint": stage2_model["checkpoint"],
+              "data_version": stage2_model["data_version"], "dvc_rev": stage2_model["dvc_rev"],
+              "losses": stage2_model.get("answer_losses", [])}
+    write_atomic(partition_record_path(store, arm, seed), json.dumps(record, indent=1) + "\n")
+    samples = rows[:3]
+    return dg.Output(record, metadata={
+        **{name: float(value) for name, value in metrics.items() if isinstance(value, (int, float))},
+        "sample_outputs": dg.MetadataValue.md("\n\n".join(
+            f"**{r['uid']}** (gold {r['gold']}, strict {'✓' if r['strict_correct'] else '✗'}):\n\n```\n{r['output'][:600]}\n```"
+            for r in samples)),
+        "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
+    })
+
+
+def lm_eval_metrics(config: BenchmarkAssetConfig, checkpoint: str, compute: ComputeResource, folder: Path) -> dict:
+    """lm-eval's metrics for the configured tasks, cached in the scores folder (lm-eval cannot resume)."""
+    from evals.run import BenchConfig, flat_metrics, run
+
+    cache = folder / "lm_eval.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    bench = BenchConfig(checkpoint=checkpoint, tasks=list(config.lm_eval_tasks), split=config.split,
+                        limit=config.lm_eval_limit, batch_size=config.batch_size,
+                        max_new_tokens=config.max_new_tokens, device=compute.resolved_device())
+    metrics = flat_metrics(run(bench))
+    write_atomic(cache, json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+def _png_markdown(path: Path, title: str) -> str:
+    """An inline image for Dagster's markdown metadata (the UI shows it; no file server needed)."""
+    import base64
+
+    return f"![{title}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+
+@dg.asset(deps=[benchmark_scores], group_name=GROUP, code_version="1")
+def arm_comparison(context: dg.AssetExecutionContext, config: ComparisonAssetConfig, store: ModelStore,
+                   tracking: MlflowResource) -> dg.Output[dict]:
+    """Every arm x seed of this pipeline run: accuracy with bootstrap intervals, paired tests against the
+    baseline arm, the table as Markdown, plots."""
+    from sftkey.compare import compare_arms, plot_accuracy, plot_loss_curves, summarize_arms, to_json, to_markdown
+
+    records = {}
+    for arm in config.arms:
+        for seed in config.seeds:
+            path = partition_record_path(store, arm, seed)
+            if not path.exists():
+                raise FileNotFoundError(f"no benchmark_scores for arm {arm!r} seed {seed} in this pipeline run "
+                                        f"({path}): materialize benchmark_scores for partition {arm}|{seed} first")
+            records[(arm, seed)] = json.loads(path.read_text())
+    correct = {arm: {seed: records[arm, seed]["outcomes"] for seed in config.seeds} for arm in config.arms}
+    formats = {arm: {seed: records[arm, seed]["format_ok"] for seed in config.seeds} for arm in config.arms}
+    summaries = summarize_arms(correct, formats, n_resamples=config.n_resamples)
+    comparisons = [compare_arms(correct, arm, config.baseline_arm, n_resamples=config.n_resamples)
+                   for arm in config.arms if arm != config.baseline_arm]
+    out = store.run_folder("comparison")
+    table = to_markdown(summaries, comparisons)
+    write_atomic(out / "comparison.md", table)
+    to_json(out / "comparison.json", summaries, comparisons)
+    plots = [plot_accuracy(summaries, out / "accuracy.png")]
+    curves = {arm: [tuple(point) for point in records[arm, config.seeds[0]]["losses"]] for arm in config.arms}
+    if all(curves.values()):
+        plots.append(plot_loss_curves(curves, out / "answer_loss.png"))
+    with tracking.asset_run(context) as run:
+        run.log_params({"arms": config.arms, "seeds": config.seeds, "baseline_arm": config.baseline_arm})
+        for summary in summaries:
+            run.log_metrics({f"{summary.arm}.accuracy": summary.accuracy, f"{summary.arm}.format_accuracy":
+                             summary.format_accuracy or 0.0})
+        for comparison in comparisons:
+            run.log_metrics({f"{comparison.arm}.difference_points": comparison.difference,
+                             f"{comparison.arm}.p_value": comparison.p_value})
+        for name in ("comparison.md", "comparison.json", *(p.name for p in plots)):
+            run.log_artifact(out / name)
+    value = {"table": table, "verdicts": [c.verdict() for c in comparisons], "folder": str(out),
+             "records": {f"{arm}|{seed}": record for (arm, seed), record in records.items()},
+             "mlflow_run_id": run.run_id}
+    return dg.Output(value, metadata={
+        "comparison": dg.MetadataValue.md(table),
+        "plots": dg.MetadataValue.md("\n\n".join(_png_markdown(p, p.stem) for p in plots)),
+        "folder": dg.MetadataValue.path(str(out)),
+        "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
+        "model_runs": dg.MetadataValue.md("\n".join(
+            f"- {arm} seed {seed}: [model]({tracking.run_url(r['model_run_id'])}), "
+            f"[benchmark]({tracking.run_url(r['benchmark_run_id'])})"
+            for (arm, seed), r in records.items() if r.get("model_run_id"))),
+    })
+
+
+@dg.asset(group_name=GROUP, code_version="1")
+def registered_model(context: dg.AssetExecutionContext, config: RegistryAssetConfig, arm_comparison: dict,
+                     tracking: MlflowResource) -> dg.Output[dict]:
+    """The candidate arm's model as a new version in the MLflow registry, aliased `challenger`."""
+    from orchestration.registry import BENCHMARK_RUN_TAG, CHALLENGER, register_candidate
+
+    record = arm_comparison["records"].get(f"{config.candidate_arm}|{config.candidate_seed}")
+    if record is None:
+        raise ValueError(f"candidate arm {config.candidate_arm!r} seed {config.candidate_seed} is not among the "
+                         f"compared runs ({', '.join(arm_comparison['records'])}): set promotion.candidate_arm")
+    if not record.get("model_uri"):
+        raise ValueError(f"arm {config.candidate_arm!r} seed {config.candidate_seed}: no logged model to register")
+    with tracking.asset_run(context) as run:
+        tags = {"sftkey.arm": config.candidate_arm, "sftkey.seed": config.candidate_seed,
+                "sftkey.data_version": record["data_version"], "sftkey.dvc_rev": record["dvc_rev"],
+                BENCHMARK_RUN_TAG: record["benchmark_run_id"],
+                **{f"metric.{k}": v for k, v in record["metrics"].items() if isinstance(v, (int, float))}}
+        version = register_candidate(tracking.client(), config.model_name, record["model_uri"],
+                                     record["model_run_id"], tags)
+        run.log_params({"model_name": config.model_name, "version": version.version, **tags})
+    value = {"name": config.model_name, "version": str(version.version), "arm": config.candidate_arm,
+             "seed": config.candidate_seed, "metrics": record["metrics"]}
+    return dg.Output(value, metadata={
+        "model": f"{config.model_name} v{version.version} (@{CHALLENGER})",
+        "model_run": dg.MetadataValue.url(tracking.run_url(record["model_run_id"])),
+        "strict_accuracy": float(record["metrics"]["strict_accuracy"]),
+    })
+
+
+@dg.asset(group_name=GROUP, code_version="1")
+def champion_model(context: dg.AssetExecutionContext, registered_model: dict,
+                   tracking: MlflowResource) -> dg.Output[dict]:
+    """Moves the `champion` alias to the candidate; runs only when the promotion gate passed."""
+    from orchestration.registry import CHAMPION, promote
+
+    promote(tracking.client(), registered_model["name"], registered_model["version"])
+    return dg.Output(dict(registered_model), metadata={
+        "champion": f"{registered_model['name']} v{registered_model['version']} (@{CHAMPION})"})

@@ -1,0 +1,78 @@
+"""Asset checks: annotation coverage, finite training losses, format accuracy, and the promotion gate.
+
+The gate is blocking: when it fails, `champion_model` (which moves the registry's `champion` alias) does not run.
+"""
+
+
+import math
+import warnings
+
+import dagster as dg
+
+from orchestration.assets import ARM_SEED, annotated_dataset, benchmark_scores, registered_model, stage1_model, stage2_model
+from orchestration.config import CoverageCheckConfig, FormatCheckConfig, GateCheckConfig
+from orchestration.tracking import MlflowResource
+
+# Checks partitioned like their asset (one evaluation per arm x seed) are "preview" in Dagster 1.13.
+warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
+
+
+@dg.asset_check(asset=annotated_dataset, description="kept records / loaded records is at least min_coverage")
+def check_annotated_dataset_coverage(config: CoverageCheckConfig, annotated_dataset: dict) -> dg.AssetCheckResult:
+    coverage = annotated_dataset["coverage"]
+    return dg.AssetCheckResult(passed=coverage >= config.min_coverage, metadata={
+        "coverage": coverage, "min_coverage": config.min_coverage,
+        "exclusions_by_reason": dg.MetadataValue.json(annotated_dataset["exclusions_by_reason"]),
+    })
+
+
+def _loss_check(model: dict) -> dg.AssetCheckResult:
+    """Every logged loss of the stage is finite (a skipped stage has none and passes)."""
+    losses = model.get("losses", [])
+    bad = [(step, loss) for step, loss in losses if not math.isfinite(loss)]
+    return dg.AssetCheckResult(passed=not bad, metadata={
+        "logged_losses": len(losses), "non_finite": len(bad),
+        "first_non_finite_step": bad[0][0] if bad else -1,
+        "final_loss": losses[-1][1] if losses else float("nan"),
+    })
+
+
+@dg.asset_check(asset=stage1_model, partitions_def=ARM_SEED, description="no NaN or infinite loss in the stage's training log")
+def check_stage1_model_loss_finite(stage1_model: dict) -> dg.AssetCheckResult:
+    return _loss_check(stage1_model)
+
+
+@dg.asset_check(asset=stage2_model, partitions_def=ARM_SEED, description="no NaN or infinite loss in the stage's training log")
+def check_stage2_model_loss_finite(stage2_model: dict) -> dg.AssetCheckResult:
+    return _loss_check(stage2_model)
+
+
+@dg.asset_check(asset=benchmark_scores, partitions_def=ARM_SEED, description="format accuracy is at least min_format_accuracy")
+def check_benchmark_scores_format_accuracy(config: FormatCheckConfig, benchmark_scores: dict) -> dg.AssetCheckResult:
+    accuracy = benchmark_scores["metrics"]["format_accuracy"]
+    return dg.AssetCheckResult(passed=accuracy >= config.min_format_accuracy, metadata={
+        "format_accuracy": accuracy, "min_format_accuracy": config.min_format_accuracy,
+    })
+
+
+@dg.asset_check(asset=registered_model, blocking=True,
+                description="the candidate beats the champion by the margin with a significant paired test, "
+                            "or there is no champion; records the decision and evidence as version tags")
+def check_registered_model_promotion_gate(config: GateCheckConfig, registered_model: dict,
+                                          tracking: MlflowResource) -> dg.AssetCheckResult:
+    from orchestration.registry import evaluate_gate
+
+    decision = evaluate_gate(tracking.client(), registered_model["name"], registered_model["version"],
+                             config.margin_points, config.alpha)
+    return dg.AssetCheckResult(passed=decision.promote, description=decision.reason, metadata={
+        "decision": "promote" if decision.promote else "refuse", "reason": decision.reason,
+        "candidate_accuracy": decision.candidate_accuracy,
+        "champion_accuracy": decision.champion_accuracy if decision.champion_accuracy is not None else float("nan"),
+        "champion_version": decision.champion_version or "none",
+        "p_value": decision.p_value if decision.p_value is not None else float("nan"),
+        "margin_points": decision.margin_points,
+    })
+
+
+ALL_CHECKS = [check_annotated_dataset_coverage, check_stage1_model_loss_finite, check_stage2_model_loss_finite,
+              check_benchmark_scores_format_accuracy, check_registered_model_promotion_gate]

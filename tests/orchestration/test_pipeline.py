@@ -1,0 +1,204 @@
+"""The whole graph materialized in-process on the smoke config (tiny model, SVAMP) with a real sqlite MLflow store
+and a real DVC repo: every asset and check, the MLflow runs and their nesting, the lineage walk from a registered
+version, no retraining on an unchanged upstream, and resuming a crashed stage from its checkpoint."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from orchestration.config import resources, run_config
+from orchestration.registry import CHAMPION, lineage_lines, version_by_alias, walk_lineage
+from orchestration.tracking import ASSET_TAG, PARENT_TAG
+
+ARMS = ["sft_tag", "sftkey_tag"]
+PARTITIONS = {"sft_tag|0", "sftkey_tag|0"}
+CHECKS = {
+    ("annotated_dataset", "check_annotated_dataset_coverage"): None,
+    ("stage1_model", "check_stage1_model_loss_finite"): PARTITIONS,
+    ("stage2_model", "check_stage2_model_loss_finite"): PARTITIONS,
+    ("benchmark_scores", "check_benchmark_scores_format_accuracy"): PARTITIONS,
+    ("registered_model", "check_registered_model_promotion_gate"): None,
+}
+
+
+def latest_metadata(instance, asset: str, partition: str | None = None) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1).records
+    assert records, f"{asset} [{partition}] was never materialized"
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def test_every_asset_and_check_materialized(smoke_run):
+    instance = smoke_run.instance
+    for asset in ["raw_dataset", "annotated_dataset", "tokenized_dataset", "arm_comparison", "registered_model",
+                  "champion_model"]:
+        latest_metadata(instance, asset)
+    for asset in ["stage1_model", "stage2_model", "benchmark_scores"]:
+        assert instance.get_materialized_partitions(dg.AssetKey(asset)) == PARTITIONS
+    for (asset, check), partitions in CHECKS.items():
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(dg.AssetKey(asset), check), limit=10)
+        assert len(history) == (len(partitions) if partitions else 1), check
+        assert {record.status.value for record in history} == {"SUCCEEDED"}, check
+
+
+def test_materialization_metadata_a_person_reads(smoke_run):
+    instance = smoke_run.instance
+    raw = latest_metadata(instance, "raw_dataset")
+    assert raw["records"] == 64
+    assert raw["dvc"].startswith("raw/svamp-train.jsonl @ ")
+    annotated = latest_metadata(instance, "annotated_dataset")
+    assert (annotated["kept"], annotated["excluded"], annotated["coverage"]) == (64, 0, 1.0)
+    stage1 = latest_metadata(instance, "stage1_model", "sft_tag|0")
+    assert (stage1["status"], stage1["steps"], stage1["loss"]) == ("trained", 60, "sft")
+    # SFTKey-Tag's stage 1 is SFT-Tag's stage 1 (same stage key): reused, not trained again.
+    assert latest_metadata(instance, "stage1_model", "sftkey_tag|0")["status"] == "reused"
+    assert latest_metadata(instance, "stage2_model", "sft_tag|0")["status"] == "skipped"
+    assert latest_metadata(instance, "stage2_model", "sftkey_tag|0")["steps"] == 10
+    comparison = latest_metadata(instance, "arm_comparison")
+    table = comparison["comparison"]
+    assert table.startswith("| arm | accuracy | 95% CI | seed sd | format accuracy |")
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:4]] == ["| sft_tag", "| sftkey_tag"]
+    assert "\n- sftkey_tag vs sft_tag: " in table
+    assert comparison["plots"].count("](data:image/png;base64,") == 2  # accuracy and answer-loss plots
+    assert comparison["mlflow_run"].startswith("http://127.0.0.1:5000/#/experiments/")
+    folder = Path(smoke_run.result.comparison["folder"])
+    assert sorted(p.name for p in folder.iterdir()) == ["accuracy.png", "answer_loss.png", "comparison.json",
+                                                        "comparison.md"]
+
+
+def test_mlflow_runs_one_per_materialization_under_the_pipeline_run(smoke_run):
+    tracking = resources(smoke_run.config)["tracking"]
+    client = tracking.client()
+    children = client.search_runs([tracking.experiment_id()],
+                                  f"tags.`{PARENT_TAG}` = '{smoke_run.result.parent_run_id}'")
+    assets = sorted(run.data.tags[ASSET_TAG] for run in children)
+    assert assets == sorted(["raw_dataset", "annotated_dataset", "tokenized_dataset", "arm_comparison",
+                             "registered_model"] + [a for a in ("stage1_model", "stage2_model", "benchmark_scores")
+                                                    for _ in ARMS])
+    assert {run.info.status for run in children} == {"FINISHED"}
+    parent = client.get_run(smoke_run.result.parent_run_id)
+    assert (parent.info.run_name, parent.info.status) == (smoke_run.result.pipeline_run, "FINISHED")
+    assert (parent.data.params["training.train.lr"], parent.data.params["pipeline.benchmark.limit"]) == ("0.01", "16")
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["pipeline_smoke.yaml"]
+    stage1 = next(r for r in children if r.data.tags[ASSET_TAG] == "stage1_model"
+                  and r.data.tags["sftkey.arm"] == "sft_tag")
+    assert [m.step for m in client.get_metric_history(stage1.info.run_id, "loss")] == list(range(1, 61))
+    bench = next(r for r in children if r.data.tags[ASSET_TAG] == "benchmark_scores")
+    assert {"strict_accuracy", "format_accuracy", "composite"} <= set(bench.data.metrics)
+    assert bench.data.metrics["svamp_tagged/sample_len"] == 8  # the lm-eval task ran too
+    assert "svamp_tagged/exact_match_strict-match" in bench.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(bench.info.run_id)}
+    assert artifacts == {"outcomes.json", "outputs.jsonl", "summary.json"}
+    annotated = next(r for r in children if r.data.tags[ASSET_TAG] == "annotated_dataset")
+    assert [a.path for a in client.list_artifacts(annotated.info.run_id)] == ["exclusions.jsonl"]
+
+
+def test_lineage_walk_from_the_registered_version(smoke_run):
+    from orchestration.dvc_data import DvcResource
+    from sftkey.data import DataConfig, Record, content_version, load_records
+
+    tracking = resources(smoke_run.config)["tracking"]
+    client = tracking.client()
+    assert str(version_by_alias(client, "sftkey-smoke", CHAMPION).version) == "1"  # the first candidate
+    lineage = walk_lineage(client, "sftkey-smoke", "1")
+    assert (lineage.pipeline_run_id, lineage.pipeline_run_name) == (smoke_run.result.parent_run_id,
+                                                                    smoke_run.result.pipeline_run)
+    run = client.get_run(lineage.run_id)
+    assert (run.data.tags[ASSET_TAG], run.data.tags["sftkey.arm"], run.data.tags["sftkey.stage"]) == (
+        "stage2_model", "sftkey_tag", "stage2")
+    assert lineage.config["train.lr"] == "0.01"
+    assert lineage.config["data.limit"] == "64"
+    assert json.loads(lineage.config["arms.sftkey_tag.stages"])[1]["loss"] == "key"
+    records, _ = load_records(DataConfig("svamp", "train", limit=64))
+    assert lineage.data_version == content_version(records)
+    dvc = resources(smoke_run.config)["dvc"]
+    assert isinstance(dvc, DvcResource)
+    text = dvc.read_text("raw/svamp-train.jsonl", lineage.dvc_rev)
+    assert content_version([Record(**json.loads(line)) for line in text.splitlines()]) == lineage.data_version
+    assert lineage.tags["promotion.decision"] == "promoted"
+    assert lineage_lines(lineage)[0] == f"sftkey-smoke v1 <- run {lineage.run_id}"
+    version = client.get_model_version("sftkey-smoke", "1")
+    assert version.source.startswith("models:/m-")  # a logged MLflow transformers model
+
+
+def test_rerun_reuses_every_checkpoint_and_keeps_its_own_outputs(smoke_run):
+    from orchestration.pipeline import run_pipeline
+
+    first = smoke_run.result
+    stamps = {p: p.stat().st_mtime_ns for p in Path(smoke_run.config.work_dir, "store", "models").rglob("sftkey.json")}
+    second = run_pipeline(smoke_run.config, echo=lambda line: None, instance=smoke_run.instance)
+    for partition in PARTITIONS:
+        assert latest_metadata(smoke_run.instance, "stage1_model", partition)["status"] == "reused"
+    assert latest_metadata(smoke_run.instance, "stage2_model", "sftkey_tag|0")["status"] == "reused"
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no checkpoint rewritten
+    assert second.run_dir != first.run_dir
+    assert Path(first.comparison["folder"], "comparison.md").read_text() == first.comparison["table"]
+    # The same model again: the gate refuses it (no gain), the champion stays.
+    assert second.decision["promotion.decision"] == "refused"
+    assert json.loads(second.decision["promotion.difference_points"]) == 0.0
+    client = resources(smoke_run.config)["tracking"].client()
+    assert str(version_by_alias(client, "sftkey-smoke", CHAMPION).version) == "1"
+
+
+def test_a_crashed_stage_resumes_from_its_checkpoint(smoke_run, monkeypatch, caplog):
+    """A stage that dies after its first periodic checkpoint continues from it when re-materialized."""
+    import logging
+
+    import sftkey.train.trainer as trainer
+    from orchestration.checks import ALL_CHECKS
+    from orchestration.config import pipeline_config_from_dict
+    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, op_config_for
+
+    raw = json.loads(json.dumps(smoke_run.raw))
+    raw["training"]["arms"]["sft_tag"]["stages"][0]["steps"] = 30  # a new stage key: it must train
+    config = pipeline_config_from_dict(raw)
+    res = resources(config, "crash-test")
+    ops = run_config(config)
+    key = dg.MultiPartitionKey({"arm": "sft_tag", "seed": "0"})
+    graph = ALL_ASSETS + ALL_CHECKS
+    stage1 = [a for a in ALL_ASSETS if a.key.to_user_string() == "stage1_model"]
+    assert dg.materialize(graph, selection=DATA_ASSETS, instance=smoke_run.instance, resources=res,
+                          run_config=op_config_for(ops, DATA_ASSETS)).success
+
+    original = trainer._save
+
+    def crash_after_first_periodic_checkpoint(*args, final, **kwargs):
+        folder = original(*args, final=final, **kwargs)
+        if not final:
+            raise RuntimeError("injected crash")
+        return folder
+
+    monkeypatch.setattr(trainer, "_save", crash_after_first_periodic_checkpoint)
+    crashed = dg.materialize(graph, selection=stage1, partition_key=key, instance=smoke_run.instance, resources=res,
+                             run_config=op_config_for(ops, stage1), raise_on_error=False)
+    assert not crashed.success
+    monkeypatch.setattr(trainer, "_save", original)
+    with caplog.at_level(logging.INFO, logger="sftkey.train"):
+        resumed = dg.materialize(graph, selection=stage1, partition_key=key, instance=smoke_run.instance,
+                                 resources=res, run_config=op_config_for(ops, stage1))
+    assert resumed.success
+    assert "stage stage1: resuming at step 20 from " in caplog.text
+    output = resumed.output_for_node("stage1_model")
+    meta = json.loads(Path(output["checkpoint"], "sftkey.json").read_text())
+    assert (output["status"], meta["step"], meta["final"]) == ("trained", 30, True)
+    assert [step for step, _ in output["losses"]] == list(range(1, 31))  # the log continues, no gap, no repeat
+    tracking = res["tracking"]
+    runs = tracking.client().search_runs([tracking.experiment_id()], "tags.`dagster.asset` = 'stage1_model' and "
+                                         f"tags.`sftkey.stage_key` = '{output['key']}'")
+    assert sorted(run.info.status for run in runs) == ["FAILED", "FINISHED"]
+
+
+def test_unreachable_mlflow_fails_before_any_work(smoke_run, tmp_path):
+    from orchestration.config import pipeline_config_from_dict
+    from orchestration.pipeline import run_pipeline
+    from orchestration.tracking import TrackingUnavailable
+
+    raw = json.loads(json.dumps(smoke_run.raw))
+    raw.update(work_dir=str(tmp_path / "work"), tracking={"tracking_uri": "http://127.0.0.1:9"})
+    with pytest.raises(TrackingUnavailable, match="did not answer"):
+        run_pipeline(pipeline_config_from_dict(raw), echo=lambda line: None, instance=smoke_run.instance)
+    assert not (tmp_path / "work" / "store").exists()

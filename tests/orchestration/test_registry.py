@@ -1,0 +1,125 @@
+"""The promotion gate: the decision on fixed outcomes (exact numbers), then the same gate on a real sqlite MLflow
+registry: first champion, promote, refuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestration.registry import (
+    BENCHMARK_RUN_TAG,
+    CHALLENGER,
+    CHAMPION,
+    OUTCOMES_ARTIFACT,
+    decide,
+    evaluate_gate,
+    promote,
+    register_candidate,
+    version_by_alias,
+)
+
+QUESTIONS = [f"q{i}" for i in range(10)]
+
+
+def outcomes(right: set[int]) -> dict[str, bool]:
+    return {q: i in right for i, q in enumerate(QUESTIONS)}
+
+
+WEAK = outcomes({0, 1})  # 2 of 10
+STRONG = outcomes({0, 1, 2, 3, 4, 5, 6, 7})  # 8 of 10, a superset of WEAK: 6 discordant pairs, all one way
+
+
+def test_no_champion_promotes_the_first_candidate():
+    decision = decide(WEAK, None, margin_points=1.0, alpha=0.05)
+    assert decision.promote is True
+    assert decision.reason == "no champion yet: the first candidate becomes champion"
+    assert decision.candidate_accuracy == 0.2
+    assert decision.tags()["promotion.decision"] == "promoted"
+
+
+def test_a_significantly_better_candidate_is_promoted():
+    decision = decide(STRONG, WEAK, margin_points=1.0, alpha=0.05, champion_version="3")
+    assert decision.promote is True
+    assert decision.difference_points == 60.0
+    assert decision.p_value == 0.03125  # exact McNemar: 2 * (1/2)^6
+    assert decision.ci_points[0] > 0
+    assert (decision.candidate_accuracy, decision.champion_accuracy) == (0.8, 0.2)
+    assert decision.reason.endswith("beats the champion by the margin")
+    assert json.loads(decision.tags()["promotion.champion_version"]) == "3"
+
+
+def test_a_gain_below_the_margin_is_refused():
+    decision = decide(STRONG, WEAK, margin_points=70.0, alpha=0.05)
+    assert decision.promote is False
+    assert decision.reason.endswith("below the margin of +70.0 points")
+    assert decision.tags()["promotion.decision"] == "refused"
+
+
+def test_a_gain_that_is_not_significant_is_refused():
+    one_more = outcomes({0, 1, 2})  # one discordant pair: p = 1
+    decision = decide(one_more, WEAK, margin_points=1.0, alpha=0.05)
+    assert decision.promote is False
+    assert decision.difference_points == 10.0
+    assert decision.p_value == 1.0
+    assert decision.reason.endswith("the paired difference is not significant")
+
+
+def test_different_questions_are_refused_without_a_test():
+    other = {f"x{i}": True for i in range(10)}
+    decision = decide(other, WEAK, margin_points=1.0, alpha=0.05, champion_version="1")
+    assert decision.promote is False
+    assert decision.p_value is None
+    assert "scored on other questions (10 vs 10; 20 differ)" in decision.reason
+
+
+@pytest.fixture
+def client(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_experiment("gate", artifact_location=(tmp_path / "artifacts").as_uri())
+    return client
+
+
+def candidate(client, tmp_path, name: str, correct: dict[str, bool]) -> str:
+    """A benchmark run holding the outcomes, a model run holding a model folder, and a registered version."""
+    experiment = client.get_experiment_by_name("gate").experiment_id
+    bench = client.create_run(experiment).info.run_id
+    (tmp_path / OUTCOMES_ARTIFACT).write_text(json.dumps(correct))
+    client.log_artifact(bench, str(tmp_path / OUTCOMES_ARTIFACT))
+    model_run = client.create_run(experiment).info.run_id
+    folder = tmp_path / f"model-{name}"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    client.log_artifacts(model_run, str(folder), "model")
+    version = register_candidate(client, "gate-model", f"runs:/{model_run}/model", model_run,
+                                 {BENCHMARK_RUN_TAG: bench, "sftkey.arm": name})
+    return str(version.version)
+
+
+def test_gate_on_a_real_registry(client, tmp_path):
+    first = candidate(client, tmp_path, "weak", WEAK)
+    assert version_by_alias(client, "gate-model", CHAMPION) is None
+    assert str(version_by_alias(client, "gate-model", CHALLENGER).version) == first
+    decision = evaluate_gate(client, "gate-model", first, margin_points=1.0, alpha=0.05)
+    assert decision.promote
+    promote(client, "gate-model", first)
+    assert str(version_by_alias(client, "gate-model", CHAMPION).version) == first
+
+    better = candidate(client, tmp_path, "strong", STRONG)
+    decision = evaluate_gate(client, "gate-model", better, margin_points=1.0, alpha=0.05)
+    assert (decision.promote, decision.difference_points, decision.p_value) == (True, 60.0, 0.03125)
+    tags = client.get_model_version("gate-model", better).tags
+    assert tags["promotion.decision"] == "promoted"
+    assert json.loads(tags["promotion.champion_version"]) == first
+    promote(client, "gate-model", better)
+
+    same = candidate(client, tmp_path, "same", STRONG)
+    decision = evaluate_gate(client, "gate-model", same, margin_points=1.0, alpha=0.05)
+    assert decision.promote is False
+    tags = client.get_model_version("gate-model", same).tags
+    assert tags["promotion.decision"] == "refused"
+    assert json.loads(tags["promotion.difference_points"]) == 0.0
+    assert str(version_by_alias(client, "gate-model", CHAMPION).version) == better
+    assert str(version_by_alias(client, "gate-model", CHALLENGER).version) == same
