@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds, tokens, slots = sftkey_rows(model, samples, plan, steps, args, spec, device, dtype)
         rows.append((f"sftkey {name}", seconds, tokens, slots))
 
-    print(f"| loop | tokens/s | padding | MFU |\n|---|---|---|---|")
+    print("| loop | tokens/s | padding | MFU |\n|---|---|---|---|")
     for name, seconds, tokens, slots in rows:
         rate = tokens / seconds
         mfu = 6 * n_params * rate / peak

@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:
-        from sftkey.evaluate import write_atomic
+        from sftkey.atomic import write_text
 
-        write_atomic(Path(args.out), text + "\n")
+        write_text(Path(args.out), text + "\n")
     return 0
 
 

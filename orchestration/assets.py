@@ -21,7 +21,8 @@ from orchestration.config import (
     TrainingAssetConfig,
 )
 from orchestration.dvc_data import DvcResource
-from orchestration.resources import ComputeResource, ModelStore, content_key, write_atomic
+from orchestration.resources import ComputeResource, ModelStore, content_key
+from sftkey.atomic import write_text
 from orchestration.tracking import MlflowResource
 
 # Outputs carry data versions (content keys) so the UI can tell a stale asset; the parameter is beta in 1.13.
@@ -48,7 +49,7 @@ def data_config(training):
 
 
 def _jsonl(path: Path, rows) -> Path:
-    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _md_table(header: list[str], rows: list[list]) -> str:
@@ -265,7 +266,7 @@ def logged_model_uri(run, checkpoint: Path, store: ModelStore, tracking: MlflowR
             run.set_tags({"sftkey.model_logged_in_run": json.loads(record.read_text())["run_id"]})
             return uri
         uri = run.log_model(checkpoint)
-        write_atomic(record, json.dumps({"model_uri": uri, "run_id": run.run_id}) + "\n")
+        write_text(record, json.dumps({"model_uri": uri, "run_id": run.run_id}) + "\n")
     return uri
 
 
@@ -348,7 +349,7 @@ def benchmark_scores(context: dg.AssetExecutionContext, config: BenchmarkAssetCo
                 metrics.update(lm_eval_metrics(config, stage2_model["checkpoint"], compute, folder))
         outcomes = {row["uid"]: bool(row["strict_correct"]) for row in rows}
         formats = {row["uid"]: bool(row["format_ok"]) for row in rows}
-        write_atomic(folder / "outcomes.json", json.dumps(outcomes, indent=1, sort_keys=True) + "\n")
+        write_text(folder / "outcomes.json", json.dumps(outcomes, indent=1, sort_keys=True) + "\n")
         run.log_metrics(metrics)
         run.log_artifact(folder / "outcomes.json")
         run.log_artifact(folder / SUMMARY)
@@ -359,7 +360,7 @@ def benchmark_scores(context: dg.AssetExecutionContext, config: BenchmarkAssetCo
               "model_run_id": stage2_model.get("mlflow_run_id"), "checkpoint": stage2_model["checkpoint"],
               "data_version": stage2_model["data_version"], "dvc_rev": stage2_model["dvc_rev"],
               "losses": stage2_model.get("answer_losses", [])}
-    write_atomic(partition_record_path(store, arm, seed), json.dumps(record, indent=1) + "\n")
+    write_text(partition_record_path(store, arm, seed), json.dumps(record, indent=1) + "\n")
     samples = rows[:3]
     return dg.Output(record, metadata={
         **{name: float(value) for name, value in metrics.items() if isinstance(value, (int, float))},
@@ -381,7 +382,7 @@ def lm_eval_metrics(config: BenchmarkAssetConfig, checkpoint: str, compute: Comp
                         limit=config.lm_eval_limit, batch_size=config.batch_size,
                         max_new_tokens=config.max_new_tokens, device=compute.resolved_device())
     metrics = flat_metrics(run(bench))
-    write_atomic(cache, json.dumps(metrics, indent=1) + "\n")
+    write_text(cache, json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 
@@ -414,7 +415,7 @@ def arm_comparison(context: dg.AssetExecutionContext, config: ComparisonAssetCon
                    for arm in config.arms if arm != config.baseline_arm]
     out = store.run_folder("comparison")
     table = to_markdown(summaries, comparisons)
-    write_atomic(out / "comparison.md", table)
+    write_text(out / "comparison.md", table)
     to_json(out / "comparison.json", summaries, comparisons)
     plots = [plot_accuracy(summaries, out / "accuracy.png")]
     curves = {arm: [tuple(point) for point in records[arm, config.seeds[0]]["losses"]] for arm in config.arms}

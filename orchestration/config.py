@@ -15,7 +15,7 @@ from typing import Any
 import dagster as dg
 import yaml
 
-from sftkey.train.config import ConfigError, ConfigSource, TrainConfig, build_dataclass, config_from_dict
+from sftkey.train.config import ConfigError, ConfigSource, TrainConfig, build_dataclass, config_from_dict, read_yaml
 
 MAX_STAGES = 2  # the graph has stage1_model and stage2_model
 UI_RUN_DIR = "ui"  # runs launched from the Dagster UI share <work_dir>/runs/ui/
@@ -167,17 +167,7 @@ class PipelineConfig:
 def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Read and check a pipeline YAML; `overrides` replace top-level sections (tests, `--work-dir`)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such pipeline config; see configs/pipeline_demo.yaml for the format")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text) or {}
-        root = yaml.compose(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}{f' line {mark.line + 1}' if mark else ''}: not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with `training:` and the pipeline sections")
+    raw, root = read_yaml(path, "pipeline config (see configs/pipeline_demo.yaml for the format)")
     raw.update(overrides or {})
     return pipeline_config_from_dict(raw, ConfigSource(path, root, set(overrides or {})), path)
 

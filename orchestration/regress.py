@@ -64,11 +64,11 @@ def read_baseline(path: Path) -> dict:
 
 
 def write_baseline(path: Path, config: PipelineConfig, measured: dict, tolerance: dict[str, float]) -> Path:
-    from orchestration.resources import write_atomic
+    from sftkey.atomic import write_text
 
     payload = {"config": str(config.path or ""), "tolerance": tolerance,
                "metrics": {arm: {m: round(v, 6) for m, v in metrics.items()} for arm, metrics in measured.items()}}
-    return write_atomic(Path(path), json.dumps(payload, indent=2) + "\n")
+    return write_text(Path(path), json.dumps(payload, indent=2) + "\n")
 
 
 def champion_metrics(client, model_name: str) -> tuple[str, dict[str, dict[str, float]]] | None:

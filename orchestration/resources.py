@@ -12,11 +12,11 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import dagster as dg
+from sftkey.atomic import write_text
 
 
 def content_key(*parts: Any) -> str:
@@ -49,20 +49,6 @@ class ModelStore(dg.ConfigurableResource):
         return folder
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write beside `path`, then rename over it: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 class ComputeResource(dg.ConfigurableResource):
     """Where training runs: in this process, or under `accelerate launch` with several processes."""
 
@@ -89,7 +75,7 @@ class ComputeResource(dg.ConfigurableResource):
         from sftkey.train.config import config_dict, dump_yaml
 
         work = Path(training.output_dir)
-        config_file = write_atomic(work / f".{arm}-seed{seed}-stage{stage_index}.yaml", dump_yaml(config_dict(training)))
+        config_file = write_text(work / f".{arm}-seed{seed}-stage{stage_index}.yaml", dump_yaml(config_dict(training)))
         args = ["--config", str(config_file), "--arm", arm, "--seed", str(seed), "--stage-index", str(stage_index),
                 "--init", str(init), "--prepared", str(prepared_folder)]
         command = self.launch_command("orchestration.launch_stage", args)

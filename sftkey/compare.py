@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from sftkey.atomic import write_text
 
 Outcomes = Mapping[str, Mapping[int, Mapping[str, bool]]]  # arm -> seed -> question id -> correct
 
@@ -281,16 +281,7 @@ def to_json(path: str | Path, summaries: Sequence[ArmSummary], comparisons: Sequ
         "arms": [asdict(s) for s in summaries],
         "comparisons": [dict(asdict(c), verdict=c.verdict(), significant=c.significant) for c in comparisons],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, json.dumps(payload, indent=2))
 
 
 def from_json(path: str | Path) -> tuple[list[ArmSummary], list[Comparison]]:

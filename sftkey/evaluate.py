@@ -10,13 +10,12 @@ with the same settings skips the questions already answered.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sftkey.annotate import Annotated, AnnotationConfig, annotate, exclusion_counts
+from sftkey.atomic import write_text
 from sftkey.data import DataConfig, content_version, load_records
 from sftkey.generate import STOP_LENGTH, Generation, GenerationConfig
 
@@ -149,20 +148,8 @@ def read_outputs(path: Path) -> list[dict]:
                     f"{path} line {number}: not valid JSON; delete that line (its question is asked again) "
                     "or the file (all questions are asked again)"
                 ) from None
-            write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file beside `path`, then rename it over `path`."""
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def score_row(generation: Generation, gold: str, dataset: str, tagged: bool) -> dict:
@@ -261,7 +248,7 @@ def write_summary(out: Path, settings: dict, rows: list[dict], n_questions: int,
         "metrics": metrics(rows),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_atomic(out / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 

@@ -28,6 +28,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sftkey.atomic import swap_folder
 from sftkey.paths import sftkey_home
 
 if TYPE_CHECKING:
@@ -218,20 +219,9 @@ def _provision_default_model(target: Path, home: Path) -> None:
         (tmp / PROVISIONED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         for file in tmp.iterdir():
             file.chmod(0o644)  # safetensors writes the weights owner-only
-        _swap_into_place(tmp, target)
+        swap_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`; an incomplete or outdated `target` is moved aside first, then deleted."""
-    if target.exists():
-        old = target.parent / f".{target.name}.tmp-old-{os.getpid()}"
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
 
 
 def find_smollm2_wheel(home: Path | None = None) -> Path | None:

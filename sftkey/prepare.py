@@ -8,13 +8,13 @@ written to a temporary folder and renamed, so a crash never leaves half of one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sftkey.atomic import swap_folder
 from sftkey.annotate import Annotated, AnnotationConfig, Exclusion, annotate, exclusion_counts
 from sftkey.data import DataConfig, content_version, load_records
 from sftkey.format import render
@@ -98,14 +98,7 @@ def write_prepared(prepared: Prepared, out: Path) -> Path:
         _write_jsonl(tmp / "records.jsonl", (asdict(r) for r in prepared.records))
         _write_jsonl(tmp / "exclusions.jsonl", (asdict(e) for e in prepared.exclusions))
         (tmp / "meta.json").write_text(json.dumps(prepared.meta, indent=2, ensure_ascii=False) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        swap_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,8 @@ import random
 import shutil
 from pathlib import Path
 
+from sftkey.atomic import swap_folder, write_text
+
 META_FILE = "sftkey.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -50,22 +52,12 @@ def begin(folder: Path) -> Path:
 def commit(tmp: Path, folder: Path, meta: dict) -> Path:
     """Write sftkey.json last, then rename the temp folder into place (an older `folder` is swapped out)."""
     write_json(tmp / META_FILE, meta)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, folder)
-    return folder
+    return swap_folder(tmp, folder)
 
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic: temp file, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_meta(folder: Path) -> dict | None:

@@ -293,11 +293,10 @@ def apply_override(raw: dict, keys: list, value: Any) -> None:
 # --------------------------------------------------------------------------- loading and checking
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read, override, convert and validate; every error names where the bad value came from."""
-    path = Path(path)
+def read_yaml(path: Path, what: str) -> tuple[dict, Any]:
+    """(values, node tree) of a YAML mapping; the nodes give line numbers for later errors."""
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: no such {what}")
     text = path.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text) or {}
@@ -307,7 +306,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         where = f"{path} line {mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level of the {what}")
+    return raw, root
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read, override, convert and validate; every error names where the bad value came from."""
+    path = Path(path)
+    raw, root = read_yaml(path, "config file")
     overridden = set()
     for text_override in overrides:
         keys, value = parse_override(text_override)

@@ -7,9 +7,10 @@ orchestration layer, so the library never imports mlflow.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol
+
+from sftkey.atomic import write_text
 
 
 class Tracker(Protocol):
@@ -71,9 +72,7 @@ class JsonlTracker:
             return
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if not _is_metrics_after(json.loads(line), step)]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(kept))
 
 
 def _is_metrics_after(row: dict, step: int) -> bool:

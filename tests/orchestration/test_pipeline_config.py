@@ -84,7 +84,7 @@ def test_unknown_candidate_arm_is_refused(tmp_path):
 
 
 def test_missing_file_says_where_the_format_is(tmp_path):
-    with pytest.raises(ConfigError, match="no such pipeline config; see configs/pipeline_demo.yaml"):
+    with pytest.raises(ConfigError, match=r"no such pipeline config \(see configs/pipeline_demo.yaml"):
         load_pipeline_config(tmp_path / "nope.yaml")
 
 
