@@ -52,6 +52,27 @@ TINY_IDS = {
     ("svamp", "sft_plain"): [10, 351, 16, 18, 223, 15, 348, 16, 18, 398, 274, 347, 201, 308, 347, 2],
 }
 
+# The same with SmolLM2-135M-Instruct's tokenizer (the default model), when it is cached.
+SMOLLM2_IDS = {
+    ("gsm8k", "sft_tag"): [44, 46481, 46, 216, 35, 1672, 216, 36, 446, 216, 33, 34, 13855, 30, 22577, 46481, 46,
+                           2067, 21350, 46, 216, 33, 34, 22577, 21350, 46, 2],
+    ("gsm8k", "key_tag"): [2067, 21350, 46, 216, 33, 34, 22577, 21350, 46, 2],
+    ("gsm8k", "sft_plain"): [35, 1672, 216, 36, 446, 216, 33, 34, 13855, 30, 198, 1229, 216, 33, 34, 2],
+    ("math500", "sft_tag"): [44, 46481, 46, 1046, 803, 42, 19573, 18169, 107, 34, 15009, 36, 109, 1232, 3814, 18169,
+                             107, 33, 15009, 36, 109, 446, 3814, 4810, 277, 26754, 18169, 107, 35, 15009, 36, 17859,
+                             28422, 22577, 46481, 46, 2067, 21350, 46, 3814, 18169, 107, 35, 15009, 36, 109, 22577,
+                             21350, 46, 2],
+    ("math500", "key_tag"): [2067, 21350, 46, 3814, 18169, 107, 35, 15009, 36, 109, 22577, 21350, 46, 2],
+    ("math500", "sft_plain"): [1882, 803, 42, 19573, 18169, 107, 34, 15009, 36, 109, 1232, 3814, 18169, 107, 33,
+                               15009, 36, 109, 446, 3814, 4810, 277, 26754, 18169, 107, 35, 15009, 36, 17859, 28422,
+                               198, 1229, 3814, 18169, 107, 35, 15009, 36, 109, 2],
+    ("svamp", "sft_tag"): [44, 46481, 46, 365, 216, 39, 38, 30, 32, 731, 216, 34, 37, 30, 32, 2481, 446, 216, 37,
+                           33, 22577, 46481, 46, 2067, 21350, 46, 216, 37, 33, 22577, 21350, 46, 2],
+    ("svamp", "key_tag"): [2067, 21350, 46, 216, 37, 33, 22577, 21350, 46, 2],
+    ("svamp", "sft_plain"): [24, 216, 39, 38, 30, 32, 731, 216, 34, 37, 30, 32, 2481, 446, 216, 37, 33, 198, 1229,
+                             216, 37, 33, 2],
+}
+
 ARMS = {"sft_tag": (True, "sft"), "key_tag": (True, "key"), "sft_plain": (False, "sft")}
 
 
@@ -77,9 +98,10 @@ def test_weighted_and_dft_supervise_the_whole_tagged_response(tiny_tokenizer, lo
     assert ids == TINY_IDS[("gsm8k", "sft_tag")]
 
 
-@pytest.mark.parametrize("dataset,arm", list(SUPERVISED_TEXT))
-def test_supervised_text_smollm2(smollm2_tokenizer, dataset, arm):
-    ids, example = supervised(smollm2_tokenizer, dataset, arm)
+@pytest.mark.parametrize("dataset,arm", list(SMOLLM2_IDS))
+def test_supervised_ids_smollm2(smollm2_tokenizer, dataset, arm):
+    ids, _ = supervised(smollm2_tokenizer, dataset, arm)
+    assert ids == SMOLLM2_IDS[(dataset, arm)]
     assert smollm2_tokenizer.decode(ids) == SUPERVISED_TEXT[(dataset, arm)]
     assert ids[-1] == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
 
