@@ -7,16 +7,16 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help)
+# name -> (module, one-line help); the orchestration commands live outside the library (they need dagster/mlflow)
 COMMANDS = {
     "prepare": ("sftkey.commands.prepare", "annotate and tokenize a data set; print counts, exclusions, token shares"),
     "show-example": ("sftkey.commands.show_example", "print one prepared example with its tokens coloured by role"),
     "train": ("sftkey.train.cli", "run a training job (a list of stages) from a YAML config"),
     "eval": ("sftkey.commands.eval", "generate answers with a checkpoint and score them"),
     "compare": ("sftkey.commands.compare", "compare arms x seeds: intervals, paired tests, verdicts, plots"),
-    "pipeline": ("sftkey.commands.pipeline", "run the whole pipeline (Dagster assets, MLflow, DVC, registry) in this process"),
-    "ui": ("sftkey.commands.ui", "start the Dagster UI (127.0.0.1:3000) and the MLflow UI (127.0.0.1:5000); Ctrl-C stops both"),
-    "regress": ("sftkey.commands.regress", "run the pipeline on a fixed config; exit 1 when a metric falls below its baseline"),
+    "pipeline": ("orchestration.commands.pipeline", "run the whole pipeline (Dagster assets, MLflow, DVC, registry) in this process"),
+    "ui": ("orchestration.commands.ui", "start the Dagster UI (127.0.0.1:3000) and the MLflow UI (127.0.0.1:5000); Ctrl-C stops both"),
+    "regress": ("orchestration.commands.regress", "run the pipeline on a fixed config; exit 1 when a metric falls below its baseline"),
 }
 
 

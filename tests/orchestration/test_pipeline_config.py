@@ -91,7 +91,7 @@ def test_missing_file_says_where_the_format_is(tmp_path):
 def test_commands_report_a_bad_config_and_exit_2(tmp_path, capsys):
     import argparse
 
-    from sftkey.commands import pipeline, regress, ui
+    from orchestration.commands import pipeline, regress, ui
 
     path = write(tmp_path, SMOKE_CONFIG.read_text().replace("name: smoke", "name: smoke\nnmae: typo"))
     assert pipeline.run(argparse.Namespace(config=str(path), work_dir=None, verbose=False)) == 2

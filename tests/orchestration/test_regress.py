@@ -46,7 +46,7 @@ def test_committed_baseline_matches_the_regression_config():
 
 
 def regress(config: Path, baseline: Path, write: bool = False) -> int:
-    from sftkey.commands import regress as command
+    from orchestration.commands import regress as command
 
     args = argparse.Namespace(config=str(config), baseline=str(baseline), work_dir=None, no_champion=False,
                               write_baseline=str(baseline) if write else None)
@@ -54,7 +54,7 @@ def regress(config: Path, baseline: Path, write: bool = False) -> int:
 
 
 def test_regress_passes_on_its_baseline_and_fails_on_a_degraded_model(smoke_run, tmp_path, monkeypatch, capsys):
-    from sftkey.commands import regress as command
+    from orchestration.commands import regress as command
 
     monkeypatch.setenv("DAGSTER_HOME", str(Path(smoke_run.config.work_dir) / "dagster"))
     baseline = tmp_path / "baseline.json"

@@ -39,7 +39,7 @@ def port_is_free(port: int) -> bool:
 
 UI_COMMAND = """
 import argparse, sys
-from sftkey.commands import ui
+from orchestration.commands import ui
 parser = argparse.ArgumentParser()
 ui.add_arguments(parser)
 sys.exit(ui.run(parser.parse_args(sys.argv[1:])))

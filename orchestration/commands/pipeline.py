@@ -1,7 +1,7 @@
 """`sftkey pipeline`: run the whole asset graph (data, every arm x seed, comparison, registry) in this process.
 
-The orchestration lives in `orchestration/` (Dagster, MLflow, DVC); this module imports it only when the command
-runs, so the library never imports dagster or mlflow.
+Lives in `orchestration/` (not `sftkey/commands/`) so that the library never imports dagster or mlflow; the
+`sftkey` CLI imports this module only when the command runs.
 """
 
 from __future__ import annotations
