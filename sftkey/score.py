@@ -10,7 +10,11 @@ Rules, in one place:
 - strict answer (plain arm): the rest of the line after the last `####`.
 - lenient answer: math data sets: the last `\\boxed{...}`, else the last number; others: the last number.
   lenient_correct = strict_correct or the lenient answer matches, so lenient accuracy >= strict accuracy.
-- equivalence: see `answers_match`.
+- equivalence, math data sets (`MATH_DATASETS`): math-verify's verdict, `verify(parse(gold), parse(pred))`, with
+  bare LaTeX put in `$...$` so that its extractor finds it, run in a worker process that is killed after a time
+  limit (a timeout counts as not equal). Strings equal up to whitespace are equal without asking it.
+- equivalence, other data sets: the same number when the gold answer is a number, else the same text; see
+  `answers_match`.
 """
 
 from __future__ import annotations
@@ -32,12 +36,11 @@ from sftkey.format import ANSWER_CLOSE, ANSWER_OPEN, PLAIN_ANSWER_MARKER, THINK_
 
 TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
-# Data sets whose answers are LaTeX and get the math normalisation and the symbolic check.
+# Data sets whose answers are LaTeX: checked with math-verify, and their lenient answer is the last `\boxed{}`.
 MATH_DATASETS = frozenset({"math", "math500"})
 
-SYMPY_TIMEOUT_S = 5.0  # a symbolic comparison slower than this counts as not equal
-_WORKER_START_TIMEOUT_S = 60.0  # importing sympy in a fresh interpreter; not charged to the comparison
-_MAX_SYMPY_CHARS = 300  # longer expressions are not sent to sympy at all
+MATH_VERIFY_TIMEOUT_S = 5.0  # a math-verify comparison slower than this counts as not equal (its own default)
+_WORKER_START_TIMEOUT_S = 60.0  # importing math-verify in a fresh interpreter; not charged to the comparison
 
 COMPOSITE_WEIGHTS = (0.7, 0.3)  # (strict accuracy, format accuracy): the paper's composite score
 METRIC_NAMES = (
@@ -65,11 +68,7 @@ _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _CURRENCY_PREFIX = re.compile(r"^([-+]?)\s*(?:\\\$|\$|€|£)\s*")
 _UNIT_SUFFIX = re.compile(r"^(.*\d)\s*[A-Za-z]+\.?$")  # "18 dollars", "5cm": one word after a number
 _LATEX_FRACTION = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(\d+)\}")
-_KEPT_SPACE = "\x00"  # marks the one space normalisation keeps, while all others are removed
-
-# What `to_sympy_text` may emit: numbers, one-letter variables, π and √ (from \pi and \sqrt), operators.
-_SYMPY_TOKEN = re.compile(r"\s*(\d+\.\d+|\d+|[A-Za-z]|π|√|\*\*|[-+*/(),])\s*")
-_LATEX_SYMBOLS = {"pi": "π", "cdot": "*", "times": "*", "div": "/"}
+_MATH_DELIMITER = re.compile(r"(?<!\\)\$|(?<!\\)\\[(\[]|\\boxed")  # `$`, `\(`, `\[` (not `\$`, `\\[`), `\boxed`
 
 
 # ---- format and extraction ----
@@ -123,6 +122,19 @@ def last_boxed(text: str) -> str | None:
         return None if end is None else text[i + 1 : end].strip()
     bare = re.match(r"[^\s$]+", text[i:])  # `\boxed 5$`: the token after it
     return bare.group(0) if bare else None
+
+
+def _matching_brace(text: str, open_at: int) -> int | None:
+    """Index of the `}` closing the `{` at `open_at`, else None."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return None
 
 
 def last_number(text: str) -> str | None:
@@ -188,173 +200,14 @@ def parse_number(text: str, units: bool = False) -> Fraction | None:
         return None
 
 
-# ---- math normalisation ----
+# ---- math-verify in a worker process ----
 
 
-def normalize_math(answer: str) -> str:
-    """A LaTeX answer in a canonical spelling, so that equal answers usually compare equal as strings.
+class _MathVerifyWorker:
+    """A child interpreter that runs math-verify, killed and replaced when one comparison takes too long.
 
-    Unwraps a whole-answer `\\boxed{}`, drops `\\$` and surrounding `$`, `\\left`/`\\right`, spacing commands,
-    degrees, `%`, trailing `\\text{...}` units (when something precedes them), a trailing `.`, and a leading
-    `x =`; unwraps remaining `\\text{...}`; spells `\\dfrac`/`\\tfrac` as `\\frac` and `\\frac12` as `\\frac{1}{2}`.
-    Whitespace is removed except a single space that ends a command name before a letter (`\\pi r`).
-    """
-    s = _clean(answer).strip()
-    boxed = last_boxed(s)
-    if boxed is not None and s.startswith("\\boxed") and s.endswith("}"):
-        s = boxed
-    s = s.replace("\\$", "").strip().strip("$")
-    s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
-    s = re.sub(r"\\[,;:!> ]|\\q?quad(?![A-Za-z])|~", " ", s)  # spacing commands
-    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°", "", s)
-    s = s.replace("\\%", "").replace("%", "")
-    s = re.sub(r"(?<=\S)\s*\\(?:text|textbf|mbox|mathrm)\{[^{}]*\}(?:\^\{?\d\}?)?\s*\.?$", "", s)
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])", lambda m: m.group(1) + _KEPT_SPACE, s)  # `\pi r` is not `\pir`
-    s = re.sub(r"\s+", "", s).replace(_KEPT_SPACE, " ")
-    s = s.rstrip(".").replace("{,}", ",")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
-    s = re.sub(r"^\.(?=\d)|(?<=-)\.(?=\d)", "0.", s)
-    if s.count("=") == 1:
-        left, right = s.split("=")
-        if re.fullmatch(r"[A-Za-z](?:_\{?\w+\}?)?", left):  # `x=5`, `a_1=3`: keep the value
-            s = right
-    return s
-
-
-def to_sympy_text(latex: str) -> str | None:
-    """A normalised LaTeX expression as text for `sympy.sympify`, else None when it uses anything else.
-
-    Handles `\\frac{a}{b}`, `\\sqrt{x}`, `\\sqrt[n]{x}`, `^`, `\\pi`, `\\cdot`, `\\times`, `\\div`, braces,
-    parentheses, commas (tuples), numbers and one-letter variables; adjacent factors multiply (`2\\sqrt{2}`).
-    The result holds only those tokens, which is what makes it safe to hand to sympify (it evaluates text).
-    """
-    if not latex or len(latex) > _MAX_SYMPY_CHARS:
-        return None
-    try:
-        flat = _expand_latex(latex)
-    except ValueError:
-        return None
-    tokens = []
-    pos = 0
-    while pos < len(flat):
-        match = _SYMPY_TOKEN.match(flat, pos)
-        if match is None:
-            return None
-        tokens.append({"π": "pi", "√": "sqrt"}.get(match.group(1), match.group(1)))
-        pos = match.end()
-    return "".join(_with_implicit_products(tokens)) or None
-
-
-
-def _expand_latex(s: str) -> str:
-    """LaTeX -> infix text with `π` and `√` marking the constant and the function; ValueError if unsupported."""
-    out: list[str] = []
-    i = 0
-    while i < len(s):
-        ch = s[i]
-        if ch == "\\":
-            name, i = _read_command(s, i)
-            if name == "frac":
-                numerator, i = _read_argument(s, i)
-                denominator, i = _read_argument(s, i)
-                out.append(f"(({_expand_latex(numerator)})/({_expand_latex(denominator)}))")
-            elif name == "sqrt" and i < len(s) and s[i] == "[":
-                close = s.find("]", i)
-                if close < 0:
-                    raise ValueError("unclosed root index")
-                radicand, end = _read_argument(s, close + 1)
-                out.append(f"(({_expand_latex(radicand)})**(1/({_expand_latex(s[i + 1 : close])})))")
-                i = end
-            elif name == "sqrt":
-                radicand, i = _read_argument(s, i)
-                out.append(f"√({_expand_latex(radicand)})")
-            elif name in _LATEX_SYMBOLS:
-                out.append(_LATEX_SYMBOLS[name])
-            else:
-                raise ValueError(f"unsupported command \\{name}")
-        elif ch == "{":
-            group, i = _read_argument(s, i)
-            out.append(f"({_expand_latex(group)})")
-        elif ch == "^":
-            exponent, i = _read_argument(s, i + 1)
-            out.append(f"**({_expand_latex(exponent)})")  # parenthesised: `x^23` is x^2 * 3
-        elif ch == "}":
-            raise ValueError("unbalanced }")
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-
-def _read_command(s: str, i: int) -> tuple[str, int]:
-    """The name of the command at `s[i] == '\\'` and the index after it."""
-    match = re.match(r"\\([A-Za-z]+|.)", s[i:])
-    if match is None:
-        raise ValueError("dangling backslash")
-    return match.group(1), i + match.end()
-
-
-def _read_argument(s: str, i: int) -> tuple[str, int]:
-    """One macro argument at `i`: a braced group's inside, a command, or a single character."""
-    while i < len(s) and s[i] == " ":
-        i += 1
-    if i >= len(s):
-        raise ValueError("missing argument")
-    if s[i] == "{":
-        end = _matching_brace(s, i)
-        if end is None:
-            raise ValueError("unbalanced {")
-        return s[i + 1 : end], end + 1
-    if s[i] == "\\":
-        name, end = _read_command(s, i)
-        return "\\" + name, end
-    return s[i], i + 1
-
-
-def _with_implicit_products(tokens: list[str]) -> list[str]:
-    """Insert `*` where LaTeX juxtaposes factors: `2 sqrt(2)`, `2 pi`, `x y`, `) (`."""
-    out: list[str] = []
-    for token in tokens:
-        if out and _ends_factor(out[-1]) and _starts_factor(token):
-            out.append("*")
-        out.append(token)
-    return out
-
-
-def _ends_factor(token: str) -> bool:
-    return token[0].isdigit() or token == ")" or (token.isalpha() and token != "sqrt")
-
-
-def _starts_factor(token: str) -> bool:
-    return token[0].isdigit() or token == "(" or token.isalpha()
-
-
-def _matching_brace(text: str, open_at: int) -> int | None:
-    """Index of the `}` closing the `{` at `open_at`, else None."""
-    depth = 0
-    for i in range(open_at, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return None
-
-
-# ---- symbolic comparison in a worker process ----
-
-
-class _SympyWorker:
-    """A child interpreter that compares expressions with sympy, killed and replaced when one takes too long.
-
-    A process rather than a signal or a thread: sympy spends long stretches inside single C calls (big integer
-    powers such as 9^(9^9)) that neither a signal handler nor a thread can interrupt, but a process can be killed.
+    A process, not math-verify's own timeouts: those use `signal.alarm`, which works only in a main thread and
+    cannot interrupt sympy inside one long C call (a big integer power such as 9^(9^9)); a process can be killed.
     It is started once and reused, so a comparison costs a pipe round trip, not an interpreter start.
     A process forked from the owner (a multiprocessing pool) starts its own: the pipe and reader thread are not its.
     """
@@ -370,21 +223,22 @@ class _SympyWorker:
             if self._owner_pid != os.getpid():
                 self._proc = None  # inherited through fork: the parent's worker, left to the parent
             if self._proc is None and not self._start():
-                return False, "sympy worker failed to start"
+                return False, "math-verify worker failed to start"
             try:
                 self._proc.stdin.write(json.dumps([pred, gold]) + "\n")
                 self._proc.stdin.flush()
                 line = self._lines.get(timeout=timeout_s)
             except queue.Empty:
                 self.close()
-                return False, "sympy timeout"
+                return False, "math-verify timeout"
             except OSError:
                 self.close()
-                return False, "sympy worker died"
-            if line is None:
+                return False, "math-verify worker died"
+            try:
+                equal, reason = json.loads(line)
+            except (TypeError, ValueError):  # None (the worker exited) or a line that is not an answer
                 self.close()
-                return False, "sympy worker died"
-            equal, reason = json.loads(line)
+                return False, "math-verify worker died"
             return bool(equal), str(reason)
 
     def _start(self) -> bool:
@@ -434,60 +288,66 @@ def _pump_lines(stream: IO[str], lines: queue.Queue) -> None:
     lines.put(None)
 
 
-_WORKER = _SympyWorker()
+_WORKER = _MathVerifyWorker()
 atexit.register(_WORKER.close)
 
 
 def _worker_main() -> None:
     """The worker's loop: read `[pred, gold]` JSON lines, answer `[equal, reason]` lines."""
-    import sympy  # noqa: F401  (imported before `ready` so its cost is not charged to the first comparison)
-
-    print("ready", flush=True)
+    answers = os.fdopen(os.dup(1), "w")  # the pipe to the parent, kept for answers only
+    os.dup2(2, 1)  # anything a library prints (antlr warns on stdout) goes to stderr, not into the answers
+    _math_verify("$1$", "$1$")  # imports and loads the LaTeX grammar before `ready`: no comparison pays for it
+    print("ready", file=answers, flush=True)
     for line in sys.stdin:
         pred, gold = json.loads(line)
-        print(json.dumps(_sympy_equal(pred, gold)), flush=True)
+        print(json.dumps(_math_verify(pred, gold)), file=answers, flush=True)
 
 
-def _sympy_equal(pred: str, gold: str) -> list:
-    """[equal, reason] for two `to_sympy_text` strings; runs in the worker."""
-    import sympy
+def _math_verify(pred: str, gold: str) -> list:
+    """[equal, reason]: math-verify's `verify(parse(gold), parse(pred))`; runs in the worker.
 
-    names = {letter: sympy.Symbol(letter) for letter in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
-    names.update(pi=sympy.pi, sqrt=sympy.sqrt)  # one-letter names such as E, I, N, S stay plain symbols
+    Its timeouts are off (None): they rely on signals, and the parent's kill is the time limit here.
+    """
+    from math_verify import parse, verify
+
     try:
-        a = sympy.sympify(pred, locals=names, rational=True)
-        b = sympy.sympify(gold, locals=names, rational=True)
-        pairs = _element_pairs(a, b, (tuple, sympy.Tuple))
-        if pairs is None:
-            return [False, "not equal symbolically"]
-        equal = all(sympy.simplify(x - y) == 0 for x, y in pairs)
+        gold_parsed = parse(gold, parsing_timeout=None)
+        if not gold_parsed:
+            return [False, "math-verify: could not parse gold answer"]
+        pred_parsed = parse(pred, parsing_timeout=None)
+        if not pred_parsed:
+            return [False, "math-verify: could not parse prediction"]
+        equal = verify(gold_parsed, pred_parsed, timeout_seconds=None)
     except Exception as error:  # sympy raises many types on odd input; any of them means "cannot tell"
-        return [False, f"sympy error: {type(error).__name__}"]
-    return [True, "equal symbolically"] if equal else [False, "not equal symbolically"]
+        return [False, f"math-verify error: {type(error).__name__}"]
+    return [True, "equal (math-verify)"] if equal else [False, "not equal (math-verify)"]
 
 
-def _element_pairs(a, b, tuple_types: tuple[type, ...]) -> list | None:
-    """Pairs to compare: elementwise for tuples of equal length, the pair itself otherwise, None on a mismatch."""
-    a_is, b_is = isinstance(a, tuple_types), isinstance(b, tuple_types)
-    if a_is and b_is:
-        return list(zip(a, b)) if len(a) == len(b) else None
-    return None if a_is or b_is else [(a, b)]
+def _math_delimited(answer: str) -> str:
+    """`answer` inside `$...$`, unless it already has math delimiters (`$`, `\\(`, `\\[`) or a `\\boxed`.
+
+    math-verify's LaTeX extractor reads only delimited LaTeX: bare, `\\{1,2\\}` is not found and `\\log_2 8`
+    is read as the number 8.
+    """
+    return answer if _MATH_DELIMITER.search(answer) else f"${answer}$"
 
 
 # ---- equivalence ----
 
 
-def answers_match(pred: str, gold: str, dataset: str, *, timeout_s: float = SYMPY_TIMEOUT_S) -> tuple[bool, str]:
+def answers_match(
+    pred: str, gold: str, dataset: str, *, timeout_s: float = MATH_VERIFY_TIMEOUT_S
+) -> tuple[bool, str]:
     """(equal, reason) for a predicted and a gold answer; never raises.
 
-    Math data sets (`MATH_DATASETS`): both sides go through `normalize_math`, then compare as strings, then as
-    numbers (`parse_number`), then symbolically with sympy in a worker process limited to `timeout_s` seconds
-    (reason `sympy timeout` when it is exceeded).
+    Math data sets (`MATH_DATASETS`): equal when the two strings are the same up to whitespace (reason
+    `same text up to whitespace`), else math-verify's verdict: `verify(parse(gold), parse(pred))`, both passed
+    through `_math_delimited`, in a worker process limited to `timeout_s` seconds. Reasons: `equal (math-verify)`,
+    `not equal (math-verify)`, `math-verify: could not parse prediction` (or `gold answer`), `math-verify timeout`.
     Other data sets: when the gold answer is a number, the prediction must be the same number (currency sign,
     thousands commas, `%` and one trailing unit word are dropped: `$1,000 dollars` = 1000); otherwise the two
-    are compared as text, ignoring case, surrounding whitespace and a trailing `.`.
-    The reason names how they matched (`same after normalisation`, `equal as numbers`, `equal symbolically`,
-    `same text`) or why not.
+    are compared as text, ignoring case, surrounding whitespace and a trailing `.` (reasons `equal as numbers`,
+    `same text`, or why not).
     """
     pred = "" if pred is None else str(pred)
     gold = "" if gold is None else str(gold)
@@ -512,18 +372,11 @@ def _plain_match(pred: str, gold: str) -> tuple[bool, str]:
 
 
 def _math_match(pred: str, gold: str, timeout_s: float) -> tuple[bool, str]:
-    pred_norm, gold_norm = normalize_math(pred), normalize_math(gold)
-    if not pred_norm:
-        return False, "empty prediction"
-    if pred_norm == gold_norm:
-        return True, "same after normalisation"
-    pred_number, gold_number = parse_number(pred_norm), parse_number(gold_norm)
-    if pred_number is not None and gold_number is not None:
-        return (True, "equal as numbers") if pred_number == gold_number else (False, "numbers differ")
-    pred_expr, gold_expr = to_sympy_text(pred_norm), to_sympy_text(gold_norm)
-    if pred_expr is None or gold_expr is None:
-        return False, "not equal after normalisation"
-    return _WORKER.compare(pred_expr, gold_expr, timeout_s)
+    # Same text is the same answer: no need to pay the worker's round trip (math-verify agrees on every
+    # MATH-500 gold answer compared with itself).
+    if pred.split() == gold.split():
+        return True, "same text up to whitespace"
+    return _WORKER.compare(_math_delimited(pred), _math_delimited(gold), timeout_s)
 
 
 def _clean(text: str) -> str:
@@ -540,7 +393,7 @@ def _dataset_key(dataset: str) -> str:
 
 
 def score_output(
-    output: str, gold: str, dataset: str, tagged: bool = True, *, timeout_s: float = SYMPY_TIMEOUT_S
+    output: str, gold: str, dataset: str, tagged: bool = True, *, timeout_s: float = MATH_VERIFY_TIMEOUT_S
 ) -> dict:
     """Score one generated response; never raises (a None or non-text output scores as empty).
 
@@ -574,12 +427,15 @@ def score_output(
     }
 
 
-def summarize(scores: Sequence[dict], cut_by_length: Sequence[bool] | None = None) -> dict[str, float]:
+def summarize(scores: Sequence[dict], cut_by_length: Sequence[bool] | None = None,
+              tagged: bool = True) -> dict[str, float | None]:
     """Aggregate `score_output` results into the metrics named in `METRIC_NAMES`.
 
     composite = 0.7 * strict_accuracy + 0.3 * format_accuracy (the paper's score, with strict accuracy standing in
-    for its LLM judge). length_cap_share: the share of generations stopped by the token limit, from
-    `cut_by_length` (one flag per score); NaN when it is not given, because 0 would claim none was cut.
+    for its LLM judge). An untagged arm (`tagged=False`) has no format to judge: its format_accuracy and composite
+    are None (n/a), never 0 and 0.7 * accuracy, which would read as comparable to a tagged arm's.
+    length_cap_share: the share of generations stopped by the token limit, from `cut_by_length` (one flag per
+    score); NaN when it is not given, because 0 would claim none was cut.
     """
     if not scores:
         raise ValueError("summarize: got no scores; score at least one output first")
@@ -587,12 +443,12 @@ def summarize(scores: Sequence[dict], cut_by_length: Sequence[bool] | None = Non
         raise ValueError(f"summarize: cut_by_length has {len(cut_by_length)} flags for {len(scores)} scores")
     n = len(scores)
     strict = sum(bool(s["strict_correct"]) for s in scores) / n
-    fmt = sum(bool(s["format_ok"]) for s in scores) / n
+    fmt = sum(bool(s["format_ok"]) for s in scores) / n if tagged else None
     return {
         "strict_accuracy": strict,
         "lenient_accuracy": sum(bool(s["lenient_correct"]) for s in scores) / n,
         "format_accuracy": fmt,
-        "composite": COMPOSITE_WEIGHTS[0] * strict + COMPOSITE_WEIGHTS[1] * fmt,
+        "composite": None if fmt is None else COMPOSITE_WEIGHTS[0] * strict + COMPOSITE_WEIGHTS[1] * fmt,
         "mean_reasoning_chars": sum(s["reasoning_chars"] for s in scores) / n,
         "length_cap_share": float("nan") if cut_by_length is None else sum(map(bool, cut_by_length)) / n,
         "n": n,
