@@ -19,7 +19,7 @@ from sftkey.annotate import Annotated, AnnotationConfig, Exclusion, annotate, ex
 from sftkey.data import DataConfig, content_version, load_records
 from sftkey.format import render
 from sftkey.roles import ROLE_NAMES
-from sftkey.tokenize import TokenizedExample, tokenize_examples
+from sftkey.tokenize import TokenizedExample, template_gap, tokenize_examples
 
 
 @dataclass
@@ -60,6 +60,7 @@ def prepare(config: PrepareConfig, tokenizer) -> Prepared:
         "source": source,
         "data_version": content_version(records),
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "template_gap": template_gap(tokenizer),  # chat-template text between generation prompt and response
         "config": asdict(config),
         "counts": {"records": len(records), "kept": len(kept_examples), "excluded": len(exclusions)},
         "exclusions_by_reason": exclusion_counts(exclusions),
@@ -133,4 +134,7 @@ def summary_lines(meta: dict) -> list[str]:
     lines.append("tokens by role: " + ", ".join(f"{name} {n:,}" for name, n in tokens.items()))
     lines.append(f"answer-token share of response tokens: {meta['answer_token_share']:.2%}")
     lines.append(f"data version {meta['data_version'][:16]}")
+    if meta.get("template_gap"):  # folders prepared before the field have none
+        lines.append(f"chat template inserts {meta['template_gap']!r} before each response: it is part of the "
+                     "prompt in training and evaluation")
     return lines

@@ -7,17 +7,24 @@ Boundary rule: a token takes the role of its first character. A token that strad
 `</Thinking>` therefore counts as thinking, which is the method's stage-2 rule ("the loss starts after the
 last token of `</Thinking>`"), and a token straddling the end of the prompt counts as prompt (the model is
 given it at generation time).
+
+The evaluation prompt is the text that precedes the response in the training conversation, cut at a sentinel
+response, not the template's generation prompt: a template may put text between the two (Qwen3 an empty
+`<think>\n\n</think>\n\n` block), which training sees as context and generation must be given too.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
 
 from sftkey.format import Response
 from sftkey.roles import ANSWER, EOS, PROMPT, ROLE_NAMES, THINKING
 
 FALLBACK_PROMPT = "Question: {question}\nAnswer: "  # for tokenizers without a chat template
+SENTINEL_RESPONSE = "SftkeyResponse7"  # no whitespace or markup, so no template strips or splits it
+GAP_QUESTION = "What is 1 + 1?"  # any question shows the gap
 
 
 class TokenizerError(ValueError):
@@ -46,11 +53,30 @@ def check_tokenizer(tokenizer) -> None:
 
 
 def format_prompt(tokenizer, question: str) -> str:
-    """The text the model sees before it answers: the user turn and the assistant header."""
+    """The text the model sees before it answers: exactly what precedes the response in a training conversation."""
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = format_conversation(tokenizer, question, SENTINEL_RESPONSE)
+        if text.count(SENTINEL_RESPONSE) != 1:
+            raise TokenizerError(
+                f"the chat template of {_name(tokenizer)!r} drops or rewrites the assistant's response (a response "
+                f"{SENTINEL_RESPONSE!r} shows {text.count(SENTINEL_RESPONSE)} times, not once): the evaluation prompt "
+                "and the roles need it verbatim. Use a template that renders the assistant content as given."
+            )
+        return text[: text.index(SENTINEL_RESPONSE)]
     return FALLBACK_PROMPT.format(question=question)
+
+
+def template_gap(tokenizer, question: str = GAP_QUESTION) -> str:
+    """The text a chat template puts between its generation prompt and the response ('' for most templates).
+
+    Training sees it as context and `format_prompt` ends with it.
+    """
+    if not tokenizer.chat_template:
+        return ""
+    messages = [{"role": "user", "content": question}]
+    generation = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = format_prompt(tokenizer, question)
+    return prompt[len(os.path.commonprefix([generation, prompt])) :]
 
 
 def format_conversation(tokenizer, question: str, response: str) -> str:
@@ -64,17 +90,18 @@ def role_boundaries(tokenizer, question: str, response: Response) -> tuple[str, 
     """The full text and its role spans as (starts, roles): role[k] holds from starts[k] to starts[k+1]."""
     text = format_conversation(tokenizer, question, response.text)
     prompt = format_prompt(tokenizer, question)
-    search_from = len(prompt) if text.startswith(prompt) else 0
-    start = text.find(response.text, search_from)
-    if start < 0:
+    if not text.startswith(prompt + response.text):
         raise TokenizerError(
-            f"the chat template of {tokenizer.name_or_path!r} changed the response text; roles cannot be placed"
+            f"the chat template of {_name(tokenizer)!r} does not render the response verbatim right after the "
+            "evaluation prompt (it rewrites the response, or what precedes it depends on the response); roles "
+            "cannot be placed. Use a template that renders the assistant content as given."
         )
+    start = len(prompt)
     end = start + len(response.text)
     eos_at = text.find(tokenizer.eos_token, end)
     if eos_at < 0:
         raise TokenizerError(
-            f"the chat template of {tokenizer.name_or_path!r} does not close the assistant turn with "
+            f"the chat template of {_name(tokenizer)!r} does not close the assistant turn with "
             f"eos {tokenizer.eos_token!r}; set tokenizer.eos_token to the turn-closing token"
         )
     eos_end = eos_at + len(tokenizer.eos_token)
@@ -109,3 +136,7 @@ def tokenize_examples(
 def tokenize_prompt(tokenizer, question: str) -> list[int]:
     """Prompt ids for generation, tokenized exactly as the training text's prompt part."""
     return tokenizer(format_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+
+
+def _name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__

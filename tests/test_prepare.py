@@ -28,6 +28,22 @@ def test_prepare_fixture_counts_roles_and_exclusions(tiny_tokenizer):
     assert meta["answer_token_share"] == answer / response
 
 
+def test_the_chat_template_gap_is_recorded_and_shown_only_when_there_is_one(tiny_tokenizer):
+    from sftkey.tiny import CHAT_TEMPLATE, train_tiny_tokenizer
+
+    config = PrepareConfig(DataConfig("jsonl", "all", path=str(FIXTURES / "bad_records.jsonl")))
+    plain = prepare(config, tiny_tokenizer).meta
+    assert plain["template_gap"] == ""
+    assert not any("chat template" in line for line in summary_lines(plain))
+    thinking = train_tiny_tokenizer()  # an empty think block opens each assistant turn, as in Qwen3's template
+    block = "('<think>\\n\\n</think>\\n\\n' if message['role'] == 'assistant' else '')"
+    thinking.chat_template = CHAT_TEMPLATE.replace("message['content']", block + " + message['content']")
+    meta = prepare(config, thinking).meta
+    assert meta["template_gap"] == "<think>\n\n</think>\n\n"
+    assert summary_lines(meta)[-1] == ("chat template inserts '<think>\\n\\n</think>\\n\\n' before each response: "
+                                       "it is part of the prompt in training and evaluation")
+
+
 def test_too_long_examples_are_excluded_not_truncated(tiny_tokenizer):
     config = PrepareConfig(DataConfig("jsonl", "all", path=str(FIXTURES / "bad_records.jsonl")), max_length=40)
     prepared = prepare(config, tiny_tokenizer)

@@ -5,7 +5,14 @@ from sftkey.data import Record
 from sftkey.format import render, render_tagged
 from sftkey.loss import loss_spec
 from sftkey.roles import ANSWER, EOS, PROMPT, THINKING
-from sftkey.tokenize import TokenizerError, format_prompt, roles_from_offsets, tokenize_examples, tokenize_prompt
+from sftkey.tokenize import (
+    TokenizerError,
+    format_prompt,
+    roles_from_offsets,
+    template_gap,
+    tokenize_examples,
+    tokenize_prompt,
+)
 
 # One example per data set, written in each set's own format (not copied from the data).
 EXAMPLES = {
@@ -164,3 +171,75 @@ def test_a_tokenizer_without_offsets_is_refused():
 def test_fallback_prompt_without_chat_template():
     tokenizer = straddling_tokenizer()
     assert format_prompt(tokenizer, "Hi?") == "Question: Hi?\nAnswer: "
+
+
+# --------------------------------------------------------------------------- templates with text before the response
+
+THINK_BLOCK = "<think>\n\n</think>\n\n"
+# Qwen3's shape (written here, not copied): the last assistant turn opens with an empty think block, which the
+# generation prompt leaves out.
+GAP_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tokenizer_with_template(template):
+    from sftkey.tiny import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_the_evaluation_prompt_ends_with_what_the_template_inserts_before_the_response(tiny_tokenizer):
+    tokenizer = tokenizer_with_template(GAP_TEMPLATE)
+    question = EXAMPLES["svamp"].question
+    generation = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+    assert generation == f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    assert format_prompt(tokenizer, question) == generation + THINK_BLOCK
+    assert template_gap(tokenizer) == THINK_BLOCK
+    # templates without a gap keep their generation prompt exactly
+    assert template_gap(tiny_tokenizer) == "" and template_gap(straddling_tokenizer()) == ""
+    assert format_prompt(tiny_tokenizer, question) == generation
+
+
+def test_the_inserted_block_is_prompt_and_the_evaluation_prompt_is_a_prefix_of_the_training_ids():
+    tokenizer = tokenizer_with_template(GAP_TEMPLATE)
+    ids, example = supervised(tokenizer, "svamp", "sft_tag")
+    assert ids == TINY_IDS[("svamp", "sft_tag")]  # the response tokens are the ones without the block
+    pieces = [tokenizer.decode([i]) for i in example.input_ids]
+    by_role = {role: "".join(p for p, r in zip(pieces, example.roles) if r == role) for role in range(4)}
+    assert by_role[PROMPT] == (
+        "<|im_start|>user\nThere were 76 apples and 25 were eaten. How many are left?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"  # the block is context, as its question is
+        "\n"  # the newline after <|im_end|>
+    )
+    assert by_role[THINKING] == "<Thinking> ( 76.0 - 25.0 ) = 51 </Thinking>"
+    assert by_role[ANSWER] == " <Answer> 51 </Answer>" and by_role[EOS] == "<|im_end|>"
+    prompt = tokenize_prompt(tokenizer, EXAMPLES["svamp"].question)
+    assert example.input_ids[: len(prompt)] == prompt
+    assert set(example.roles[: len(prompt)]) == {PROMPT} and example.roles[len(prompt)] == THINKING
+    assert tokenizer.decode(prompt).endswith(THINK_BLOCK)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("message['content'] | upper", "drops or rewrites the assistant's response"),  # the sentinel is gone
+    ("''", "drops or rewrites the assistant's response"),
+    ("message['content'] + message['content']", "shows 2 times, not once"),
+    ("message['content'] | replace('<Thinking>', '<think>')", "does not render the response verbatim"),
+])
+def test_a_template_that_drops_or_rewrites_the_response_is_refused(content, match):
+    from sftkey.tiny import CHAT_TEMPLATE
+
+    tokenizer = tokenizer_with_template(CHAT_TEMPLATE.replace(
+        "message['content']", f"({content} if message['role'] == 'assistant' else message['content'])"))
+    with pytest.raises(TokenizerError, match=match):
+        tokenize_examples(tokenizer, [("x", "Hi?", render_tagged("1+1=2", "2"))])

@@ -3,7 +3,9 @@
 The batch order depends only on (seed, stage index, epoch), never on the process count or on a resume, so a
 resumed run and a data-parallel run see the same global batches as an uninterrupted single-process run.
 Packed rows keep each example's own position ids (restarting at 0); transformers turns those restarts into a
-block-diagonal causal mask when no attention mask is passed, so attention stays inside each example.
+block-diagonal causal mask when no attention mask is passed, so attention stays inside each example. It does so
+in every row only for the attention implementations of `SEPARATES_EVERY_ROW`; under the others (flash attention)
+a micro-batch is packed into one row, whatever `pack_length`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
     from sftkey.tokenize import TokenizedExample
 
 BUCKET_WINDOW = 64  # unpacked batches: lengths are sorted within windows of this many batches
+# transformers 5.17 builds their mask from each row's position-id restarts (masking_utils.create_causal_mask);
+# flash attention finds packed examples only in a batch of one row (modeling_flash_attention_utils._is_packed_sequence)
+SEPARATES_EVERY_ROW = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass
@@ -204,11 +209,19 @@ def collate(samples: Sequence[Sample], rows: Sequence[Sequence[int]], pad_id: in
     return MicroBatch(tensors, tokens, len(rows) * width, [samples[i].uid for row in rows for i in row])
 
 
+def packs_into_one_row(attn_implementation: str) -> bool:
+    """Whether packed examples stay apart only in a single row under this attention (an unknown one: yes)."""
+    return attn_implementation not in SEPARATES_EVERY_ROW
+
+
 def micro_batch(samples: Sequence[Sample], indices: Sequence[int], pad_id: int, packing: bool,
-                pack_length: int) -> MicroBatch:
-    """The examples `indices` as one micro-batch: packed into rows, or one padded row each."""
+                pack_length: int, attn_implementation: str = "sdpa") -> MicroBatch:
+    """The examples `indices` as one micro-batch: packed into rows (one row where the attention needs it, with no
+    length cap), or one padded row each."""
     chosen = [samples[i] for i in indices]
-    if packing:
+    if packing and packs_into_one_row(attn_implementation):
+        rows = [list(range(len(chosen)))]
+    elif packing:
         rows = pack_rows([len(s) for s in chosen], pack_length)
     else:
         rows = [[i] for i in range(len(chosen))]

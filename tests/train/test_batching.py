@@ -12,7 +12,9 @@ from sftkey.train.batching import (
     StagePlan,
     collate,
     epoch_batches,
+    micro_batch,
     pack_rows,
+    packs_into_one_row,
     rank_micro_batches,
     stage_samples,
 )
@@ -67,6 +69,58 @@ def test_collate_restarts_positions_per_example_and_pads_as_its_own_segment():
     assert t["targets"].tolist() == [[6, 7, X, 9, X], [X] * 5]
     assert t["target_roles"].tolist() == [[T, A, P, E, P], [P] * 5]
     assert (batch.tokens, batch.slots, batch.uids) == (6, 10, ["a", "b", "c"])
+
+
+def test_attention_that_keeps_packed_examples_apart_only_in_one_row_gets_one_row():
+    assert [packs_into_one_row(a) for a in ("sdpa", "eager", "flex_attention")] == [False, False, False]
+    for name in ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "paged|sdpa", "SDPA"):
+        assert packs_into_one_row(name), name  # flash attention, and anything not known to separate every row
+
+
+def lengths_samples(lengths):
+    """Example k holds ids 10k+1, 10k+2, ... (no pad id 0), its length given."""
+    return [Sample(f"u{k}", [10 * k + t + 1 for t in range(n)], [T] * n, [X] * n, [0.0] * n)
+            for k, n in enumerate(lengths)]
+
+
+def test_a_packed_micro_batch_under_flash_attention_is_one_row_of_all_its_examples():
+    samples = lengths_samples([5, 3, 7, 2, 6])
+    flash = micro_batch(samples, [2, 1, 3], pad_id=0, packing=True, pack_length=10,
+                        attn_implementation="flash_attention_2")
+    t = flash.tensors
+    assert t["input_ids"].tolist() == [samples[2].input_ids + samples[1].input_ids + samples[3].input_ids]
+    assert t["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 0, 1]]  # 12 tokens > pack_length 10
+    assert t["labels"].shape == t["weights"].shape == t["targets"].shape == t["target_roles"].shape == (1, 12)
+    assert (flash.tokens, flash.slots, flash.uids) == (12, 12, ["u2", "u1", "u3"])
+    sdpa = micro_batch(samples, [2, 1, 3], pad_id=0, packing=True, pack_length=10, attn_implementation="sdpa")
+    assert sdpa.tensors["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 0, 1]]  # as before
+    padded = micro_batch(samples, [2, 1, 3], pad_id=0, packing=False, pack_length=10,
+                         attn_implementation="flash_attention_2")
+    assert padded.tensors["input_ids"].shape == (3, 7)  # unpacked rows are causal and pad at the end: unchanged
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_attention_trusted_to_separate_every_row_does(attn_implementation, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert not packs_into_one_row(attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation=attn_implementation)
+    samples = lengths_samples([5, 3, 7, 2, 6])
+    batch = micro_batch(samples, range(5), pad_id=0, packing=True, pack_length=10,
+                        attn_implementation=attn_implementation)
+    t = batch.tensors
+    assert t["input_ids"].shape[0] == 3
+    with torch.no_grad():
+        packed = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False).logits
+        for row, members in enumerate(pack_rows([len(s) for s in samples], 10)):
+            start = 0
+            for k in members:
+                alone = model(input_ids=torch.tensor([samples[k].input_ids]), use_cache=False).logits[0]
+                assert t["input_ids"][row, start].item() == 10 * k + 1
+                assert torch.allclose(packed[row, start:start + len(samples[k])], alone, atol=1e-5)
+                start += len(samples[k])
 
 
 def test_batch_order_is_seeded_per_stage_and_epoch_and_drops_the_last_partial_batch():
