@@ -1,8 +1,23 @@
-"""Comparing arms x seeds on the same questions: accuracy with bootstrap intervals, paired tests, reports.
+"""Comparing arms x seeds on the same questions: accuracy with intervals, seed-aware tests, reports.
 
 Input is per-example booleans, `Outcomes`: arm -> seed -> question id -> correct (or format ok). Every seed of an
-arm must cover the same questions, and two compared arms must share their seeds and questions, because both the
-bootstrap and the tests pair runs by question and by seed.
+arm must cover the same questions, and compared arms must share their questions.
+
+What a verdict rests on (the README's "What a verdict means" says it for users):
+- The unit of replication is a trained model, one per (arm, seed); the test questions are a sample too. With at
+  least `MIN_SEEDS` seeds per arm, a mean (an arm's accuracy, or a difference between arms) is analysed with
+  seeds and questions as crossed random effects: its variance is the seed part (variance of the per-model means,
+  over seeds, at least what each model's per-question noise implies) plus the question part (variance of the
+  per-question means beyond what the per-model noise already explains, over questions). A t test and interval use Satterthwaite's degrees of freedom, which fall towards
+  seeds - 1 when seeds dominate. That keeps false positives at alpha whatever the seed-to-seed variance.
+- Arms that share a trained stage (SFTKey-Tag continues SFT-Tag's stage 1) are paired by seed: the analysis runs
+  on the per-cell differences, where the shared stage's seed effect cancels. Other arms are compared unpaired:
+  each arm's seed part has its own variance (Welch).
+- Below `MIN_SEEDS` seeds the seed variance cannot be estimated: the test is the exact sign test over questions
+  (McNemar's test with one seed), the interval is over questions, and the verdict is about these trained models
+  only, not the training recipe.
+- Comparing several arms with one baseline: Holm's step-down correction of the p-values, so the chance of any
+  false "significant" in the family stays at alpha. Exact McNemar tests per seed are kept as details.
 """
 
 from __future__ import annotations
@@ -20,15 +35,127 @@ from sftkey.atomic import write_text
 
 Outcomes = Mapping[str, Mapping[int, Mapping[str, bool]]]  # arm -> seed -> question id -> correct
 
-ALPHA = 0.05  # significance level of the verdicts
-LEVEL = 0.95  # coverage of the bootstrap intervals
-N_RESAMPLES = 5000
-_CHUNK = 256  # bootstrap replicates drawn at once: bounds memory at _CHUNK x seeds x questions cells
+ALPHA = 0.05  # significance level of the verdicts (family-wise, after Holm's correction)
+LEVEL = 0.95  # coverage of the intervals
+MIN_SEEDS = 3  # fewer seeds per arm: no estimate of the seed variance, verdicts about these models only
+
+PAIRED = "paired by seed (shared stage)"
+UNPAIRED = "unpaired (Welch)"
+QUESTIONS_ONLY = "questions only"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its standard error and degrees of freedom (t distribution; inf: normal)."""
+
+    mean: float
+    se: float
+    df: float
+
+    def interval(self, level: float = LEVEL) -> tuple[float, float]:
+        if self.se == 0:
+            return self.mean + 0.0, self.mean + 0.0
+        half = _t_quantile(1 - (1 - level) / 2, self.df) * self.se
+        return self.mean - half + 0.0, self.mean + half + 0.0
+
+    def p_value(self) -> float:
+        """Two-sided t test of mean = 0; a nonzero mean with no variance at all is certain (p = 0)."""
+        if self.se == 0:
+            return 1.0 if self.mean == 0 else 0.0
+        from scipy.stats import t
+
+        return float(min(1.0, 2 * t.sf(abs(self.mean) / self.se, self.df)))
+
+
+def _t_quantile(q: float, df: float) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(q, df))
+
+
+def _combine(mean: float, parts: Sequence[tuple[float, float]]) -> Estimate:
+    """Sum of independent variance parts [(variance, df)] with Satterthwaite's degrees of freedom."""
+    variance = sum(v for v, _ in parts)
+    if variance <= 0:
+        return Estimate(mean, 0.0, math.inf)
+    denominator = sum(v * v / df for v, df in parts if v > 0)
+    return Estimate(mean, math.sqrt(variance), variance * variance / denominator)
+
+
+def _residual_mean_square(cells: np.ndarray) -> float:
+    """Two-way (seeds x questions) interaction mean square: per-model noise around row + column effects."""
+    n_seeds, n_questions = cells.shape
+    residual = cells - cells.mean(axis=1, keepdims=True) - cells.mean(axis=0, keepdims=True) + cells.mean()
+    return float((residual**2).sum() / ((n_seeds - 1) * (n_questions - 1)))
+
+
+def _seed_part(cells: np.ndarray) -> tuple[float, float]:
+    """(variance of the mean due to models, its df): the spread of per-model means over seeds.
+
+    Never below the spread that each model's per-question noise alone implies (residual mean square / questions):
+    seeds that agree more closely than that do so by chance, and a spread of exactly 0 would read as certainty.
+    """
+    n_seeds, n_questions = cells.shape
+    spread = max(float(cells.mean(axis=1).var(ddof=1)), _residual_mean_square(cells) / n_questions)
+    return spread / n_seeds, n_seeds - 1
+
+
+def crossed_estimate(cells: np.ndarray) -> Estimate:
+    """Mean of a (seeds, questions) table with seeds and questions as crossed random effects.
+
+    Below MIN_SEEDS seeds only the questions vary (the models are taken as given).
+    """
+    cells = np.asarray(cells, dtype=float)
+    n_seeds, n_questions = _check_shape(cells)
+    columns = cells.mean(axis=0)
+    if n_seeds < MIN_SEEDS:
+        return _combine(float(cells.mean()), [(float(columns.var(ddof=1)) / n_questions, n_questions - 1)])
+    question_variance = max(0.0, float(columns.var(ddof=1)) - _residual_mean_square(cells) / n_seeds)
+    return _combine(float(cells.mean()), [_seed_part(cells), (question_variance / n_questions, n_questions - 1)])
+
+
+def unpaired_difference(arm: np.ndarray, baseline: np.ndarray) -> Estimate:
+    """Mean of `arm` minus mean of `baseline` (each (seeds, questions), the same questions), seeds unpaired.
+
+    Each arm's seed part keeps its own variance (Welch); the question part is the spread of the per-question
+    differences beyond both arms' per-model noise. Below MIN_SEEDS seeds in either arm: questions only.
+    """
+    arm, baseline = np.asarray(arm, dtype=float), np.asarray(baseline, dtype=float)
+    _check_shape(arm), _check_shape(baseline)
+    n_questions = arm.shape[1]
+    differences = arm.mean(axis=0) - baseline.mean(axis=0)  # (questions,)
+    mean = float(arm.mean() - baseline.mean())
+    if min(arm.shape[0], baseline.shape[0]) < MIN_SEEDS:
+        return _combine(mean, [(float(differences.var(ddof=1)) / n_questions, n_questions - 1)])
+    noise = _residual_mean_square(arm) / arm.shape[0] + _residual_mean_square(baseline) / baseline.shape[0]
+    question_variance = max(0.0, float(differences.var(ddof=1)) - noise)
+    return _combine(mean, [_seed_part(arm), _seed_part(baseline), (question_variance / n_questions, n_questions - 1)])
+
+
+def _check_shape(cells: np.ndarray) -> tuple[int, int]:
+    n_seeds, n_questions = cells.shape
+    if n_questions < 2:
+        raise ValueError(f"{n_questions} question(s): an interval over questions needs at least 2")
+    return n_seeds, n_questions
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: reject those below alpha and the family-wise error stays at alpha."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 @dataclass(frozen=True)
 class ArmSummary:
-    """One arm's accuracy (fractions in [0, 1]) over seeds and questions, with percentile bootstrap intervals."""
+    """One arm's accuracy (fractions in [0, 1]) over seeds and questions, with intervals (see the module doc).
+
+    format_accuracy is None for an arm whose format is not judged (the plain arm: it has no tags to check).
+    """
 
     arm: str
     seeds: tuple[int, ...]
@@ -59,7 +186,12 @@ class SeedTest:
 
 @dataclass(frozen=True)
 class Comparison:
-    """`arm` minus `baseline` in accuracy points (percentage points), paired by question and seed."""
+    """`arm` minus `baseline` in accuracy points (percentage points) on the same questions.
+
+    p_value is the comparison's own test; p_adjusted is Holm's adjustment over the `n_compared` arms compared with
+    the same baseline (None: a single comparison). design says how seeds entered (PAIRED, UNPAIRED or
+    QUESTIONS_ONLY when an arm has fewer than MIN_SEEDS seeds); n_seeds is the smaller seed count of the two.
+    """
 
     arm: str
     baseline: str
@@ -68,24 +200,35 @@ class Comparison:
     p_value: float
     seed_tests: tuple[SeedTest, ...]
     alpha: float = ALPHA
+    p_adjusted: float | None = None
+    n_compared: int = 1
+    n_seeds: int = 1
+    design: str = QUESTIONS_ONLY
 
     @property
     def significant(self) -> bool:
-        """The bootstrap interval excludes 0 and p < alpha.
-
-        Both are required: the interval carries the seed-to-seed variance, the exact test gives a p-value that
-        does not depend on resampling; a claim should survive either view.
-        """
-        return (self.ci[0] > 0 or self.ci[1] < 0) and self.p_value < self.alpha
+        """The (Holm-adjusted) p-value is below alpha."""
+        return (self.p_value if self.p_adjusted is None else self.p_adjusted) < self.alpha
 
     def verdict(self) -> str:
-        """E.g. `SFTKey-Tag vs SFT-Tag: +1.8 points [-0.4, +4.0], p = 0.11: not significant`."""
+        """E.g. `SFTKey-Tag vs SFT-Tag: +1.8 points [-0.4, +4.0], p = 0.11: not significant; 3 seeds, ...`."""
         low, high = self.ci
+        p = f"p = {_format_p(self.p_value)}"
+        if self.p_adjusted is not None:
+            p += f" (Holm over {self.n_compared}: {_format_p(self.p_adjusted)})"
         word = "significant" if self.significant else "not significant"
         return (
             f"{self.arm} vs {self.baseline}: {_signed(self.difference)} points "
-            f"[{_signed(low)}, {_signed(high)}], p = {_format_p(self.p_value)}: {word}"
+            f"[{_signed(low)}, {_signed(high)}], {p}: {word}; {self.scope()}"
         )
+
+    def scope(self) -> str:
+        """What the verdict is about: the training recipe (seeds estimated) or these trained models only."""
+        seeds = f"{self.n_seeds} seed{'s' if self.n_seeds != 1 else ''}"
+        if self.design == QUESTIONS_ONLY:
+            return (f"{seeds}: seed variance cannot be estimated (fewer than {MIN_SEEDS}), so this verdict is "
+                    "about these trained models only")
+        return f"{seeds}, {self.design}; seeds and questions as random effects"
 
 
 # ---- inputs ----
@@ -112,36 +255,7 @@ def outcome_matrix(per_seed: Mapping[int, Mapping[str, bool]], arm: str = "arm")
     return seeds, questions, matrix
 
 
-# ---- statistics ----
-
-
-def bootstrap_means(values: np.ndarray, n_resamples: int = N_RESAMPLES, rng_seed: int = 0) -> np.ndarray:
-    """Means of `values` (n_seeds, n_questions) under a two-way bootstrap, one per replicate.
-
-    Each replicate draws the seeds with replacement and, independently, the questions with replacement, and
-    averages the selected cells: it carries both the run-to-run variance and the variance of the test sample.
-    (This scheme slightly overstates the variance, a conservative error.) With one seed only the questions vary.
-    Deterministic given `rng_seed`.
-    """
-    rng = np.random.default_rng(rng_seed)
-    n_seeds, n_questions = values.shape
-    means = np.empty(n_resamples)
-    for start in range(0, n_resamples, _CHUNK):
-        size = min(_CHUNK, n_resamples - start)
-        seeds = rng.integers(0, n_seeds, size=(size, n_seeds, 1))
-        questions = rng.integers(0, n_questions, size=(size, 1, n_questions))
-        means[start : start + size] = values[seeds, questions].mean(axis=(1, 2))  # (size, seeds, questions) -> (size,)
-    return means
-
-
-def bootstrap_ci(
-    values: np.ndarray, n_resamples: int = N_RESAMPLES, rng_seed: int = 0, level: float = LEVEL
-) -> tuple[float, float]:
-    """Percentile interval of the mean of `values` (n_seeds, n_questions) under `bootstrap_means`."""
-    means = bootstrap_means(values.astype(float), n_resamples, rng_seed)
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low) + 0.0, float(high) + 0.0  # + 0.0 turns -0.0 into 0.0
+# ---- exact tests ----
 
 
 def mcnemar_exact_p(arm_only: int, baseline_only: int) -> float:
@@ -163,87 +277,125 @@ def discordant_counts(arm: np.ndarray, baseline: np.ndarray) -> tuple[int, int]:
 
 
 def question_sign_test_p(arm: np.ndarray, baseline: np.ndarray) -> float:
-    """Combined p-value over seeds: an exact sign test on questions, each question's outcome averaged over seeds.
+    """Exact sign test over questions: does the arm's per-question accuracy (over its seeds) beat the baseline's
+    on more questions than chance allows? With one seed each it is exactly McNemar's test.
 
-    The question is the independent unit: the same questions appear under every seed, so per-seed tests are
-    correlated, and pooling discordant pairs across seeds or combining per-seed p-values (Fisher, Stouffer) would
-    treat them as independent and overstate the evidence. Averaging over seeds first and counting questions where
-    the arm does better vs worse avoids that, stays exact, and with one seed is exactly McNemar's test.
+    The questions are the independent unit here and the models are taken as given: the test says nothing about
+    other training seeds. Integer arithmetic, so arms with different seed counts compare exactly.
     """
-    per_question = arm.astype(int).sum(axis=0) - baseline.astype(int).sum(axis=0)  # (n_questions,)
-    return mcnemar_exact_p(int(np.sum(per_question > 0)), int(np.sum(per_question < 0)))
+    arm_right = arm.astype(int).sum(axis=0) * baseline.shape[0]  # (questions,), scaled to a common seed count
+    base_right = baseline.astype(int).sum(axis=0) * arm.shape[0]
+    return mcnemar_exact_p(int(np.sum(arm_right > base_right)), int(np.sum(arm_right < base_right)))
+
+
+# ---- summaries and comparisons ----
 
 
 def summarize_arm(
-    arm: str,
-    correct: Mapping[int, Mapping[str, bool]],
-    format_ok: Mapping[int, Mapping[str, bool]] | None = None,
-    n_resamples: int = N_RESAMPLES,
-    rng_seed: int = 0,
+    arm: str, correct: Mapping[int, Mapping[str, bool]], format_ok: Mapping[int, Mapping[str, bool]] | None = None
 ) -> ArmSummary:
-    """Accuracy of one arm (and its format accuracy when `format_ok` is given), with bootstrap intervals."""
+    """Accuracy of one arm (and its format accuracy when `format_ok` is given), with intervals."""
     seeds, questions, matrix = outcome_matrix(correct, arm)
     format_accuracy = format_ci = None
     if format_ok is not None:
         _, _, formats = outcome_matrix(format_ok, arm)
         format_accuracy = float(formats.mean())
-        format_ci = bootstrap_ci(formats, n_resamples, rng_seed)
+        format_ci = _clipped(crossed_estimate(formats).interval())
     return ArmSummary(
         arm=arm,
         seeds=seeds,
         n_questions=len(questions),
         accuracy=float(matrix.mean()),
-        ci=bootstrap_ci(matrix, n_resamples, rng_seed),
+        ci=_clipped(crossed_estimate(matrix).interval()),
         seed_accuracies=tuple(float(row.mean()) for row in matrix),
         format_accuracy=format_accuracy,
         format_ci=format_ci,
     )
 
 
-def summarize_arms(
-    correct: Outcomes, format_ok: Outcomes | None = None, n_resamples: int = N_RESAMPLES, rng_seed: int = 0
-) -> list[ArmSummary]:
-    """`summarize_arm` for every arm of `correct`, in its order."""
-    return [
-        summarize_arm(arm, per_seed, None if format_ok is None else _arm(format_ok, arm), n_resamples, rng_seed)
-        for arm, per_seed in correct.items()
-    ]
+def summarize_arms(correct: Outcomes, format_ok: Outcomes | None = None) -> list[ArmSummary]:
+    """`summarize_arm` for every arm of `correct`, in its order; arms missing from `format_ok` get no format."""
+    return [summarize_arm(arm, per_seed, None if format_ok is None else format_ok.get(arm))
+            for arm, per_seed in correct.items()]
 
 
-def compare_arms(
-    correct: Outcomes,
-    arm: str,
-    baseline: str,
-    n_resamples: int = N_RESAMPLES,
-    rng_seed: int = 0,
-    alpha: float = ALPHA,
-) -> Comparison:
-    """`arm` minus `baseline`: mean paired difference in points, paired bootstrap interval, exact tests.
+def compare_arms(correct: Outcomes, arm: str, baseline: str, alpha: float = ALPHA, paired: bool = False) -> Comparison:
+    """`arm` minus `baseline`: mean difference in points, its interval and test (see the module doc).
 
-    The bootstrap resamples questions and seeds with the same draw for both arms (seed s of one arm is paired
-    with seed s of the other, as in the per-seed McNemar tests), applied to the per-cell differences.
+    paired: the arms share a trained stage per seed (same seeds required); the analysis runs on per-cell
+    differences. Without it the arms are compared unpaired. Below MIN_SEEDS seeds: exact sign test over questions.
     """
     arm_seeds, arm_questions, arm_matrix = outcome_matrix(_arm(correct, arm), arm)
     base_seeds, base_questions, base_matrix = outcome_matrix(_arm(correct, baseline), baseline)
-    if arm_seeds != base_seeds:
-        raise ValueError(f"arms {arm!r} and {baseline!r} have different seeds {arm_seeds} and {base_seeds}")
     if arm_questions != base_questions:
-        raise ValueError(f"arms {arm!r} and {baseline!r} score different questions; compare on the same questions")
-    differences = arm_matrix.astype(int) - base_matrix.astype(int)  # (seeds, questions) in {-1, 0, 1}
-    low, high = bootstrap_ci(differences, n_resamples, rng_seed)
+        odd = sorted(set(arm_questions) ^ set(base_questions))
+        raise ValueError(f"arms {arm!r} and {baseline!r} score different questions ({len(odd)} differ, e.g. "
+                         f"{odd[0]!r}); compare runs on the same test set")
+    if paired and arm_seeds != base_seeds:
+        raise ValueError(f"arms {arm!r} and {baseline!r} are paired by seed but have different seeds "
+                         f"{arm_seeds} and {base_seeds}")
+    n_seeds = min(len(arm_seeds), len(base_seeds))
+    if n_seeds < MIN_SEEDS:
+        design = QUESTIONS_ONLY
+        estimate = unpaired_difference(arm_matrix, base_matrix)
+        p_value = question_sign_test_p(arm_matrix, base_matrix)
+    elif paired:
+        design = PAIRED
+        estimate = crossed_estimate(arm_matrix.astype(int) - base_matrix.astype(int))
+        p_value = estimate.p_value()
+    else:
+        design = UNPAIRED
+        estimate = unpaired_difference(arm_matrix, base_matrix)
+        p_value = estimate.p_value()
     seed_tests = []
-    for row, seed in enumerate(arm_seeds):
-        arm_only, baseline_only = discordant_counts(arm_matrix[row], base_matrix[row])
-        seed_tests.append(SeedTest(seed, arm_only, baseline_only, mcnemar_exact_p(arm_only, baseline_only)))
+    if arm_seeds == base_seeds:
+        for row, seed in enumerate(arm_seeds):
+            arm_only, baseline_only = discordant_counts(arm_matrix[row], base_matrix[row])
+            seed_tests.append(SeedTest(seed, arm_only, baseline_only, mcnemar_exact_p(arm_only, baseline_only)))
+    difference = Fraction(int(arm_matrix.sum()), arm_matrix.size) - Fraction(int(base_matrix.sum()), base_matrix.size)
+    low, high = estimate.interval()
     return Comparison(
         arm=arm,
         baseline=baseline,
-        difference=100.0 * int(differences.sum()) / differences.size + 0.0,  # integer sum: exact when it can be
+        difference=float(100 * difference) + 0.0,  # exact fractions: 45 of 900 cells is exactly 5.0 points
         ci=(100.0 * low + 0.0, 100.0 * high + 0.0),
-        p_value=question_sign_test_p(arm_matrix, base_matrix),
+        p_value=p_value,
         seed_tests=tuple(seed_tests),
         alpha=alpha,
+        n_seeds=n_seeds,
+        design=design,
     )
+
+
+def compare_with_baseline(correct: Outcomes, baseline: str, paired_arms: Sequence[str] = (),
+                          alpha: float = ALPHA) -> list[Comparison]:
+    """Every other arm against `baseline`, with Holm's correction over them (arms in `paired_arms` are paired)."""
+    _arm(correct, baseline)
+    comparisons = [compare_arms(correct, arm, baseline, alpha, paired=arm in paired_arms)
+                   for arm in correct if arm != baseline]
+    if len(comparisons) < 2:
+        return comparisons
+    adjusted = holm_adjust([c.p_value for c in comparisons])
+    return [_replace(c, p_adjusted=p, n_compared=len(comparisons)) for c, p in zip(comparisons, adjusted)]
+
+
+def arms_sharing_a_stage(correct: Outcomes, stage_keys: Mapping[tuple[str, int], Sequence[str]],
+                         baseline: str) -> list[str]:
+    """Arms to pair with `baseline`: the same seeds, and under every seed a trained stage in common.
+
+    stage_keys: (arm, seed) -> the stage keys of that checkpoint's lineage (its own stage and those it started
+    from); SFTKey-Tag's stage 1 is SFT-Tag's, so the two meet. Unknown lineages never pair.
+    """
+    seeds = set(_arm(correct, baseline))
+    return [arm for arm, per_seed in correct.items()
+            if arm != baseline and set(per_seed) == seeds
+            and all(set(stage_keys.get((arm, s), ())) & set(stage_keys.get((baseline, s), ())) for s in seeds)]
+
+
+def _replace(comparison: Comparison, **changes) -> Comparison:
+    from dataclasses import replace
+
+    return replace(comparison, **changes)
 
 
 def _arm(correct: Outcomes, arm: str) -> Mapping[int, Mapping[str, bool]]:
@@ -252,11 +404,19 @@ def _arm(correct: Outcomes, arm: str) -> Mapping[int, Mapping[str, bool]]:
     return correct[arm]
 
 
+def _clipped(interval: tuple[float, float]) -> tuple[float, float]:
+    """An interval of a fraction, cut to [0, 1] (the t interval does not know accuracy is bounded)."""
+    return max(0.0, interval[0]) + 0.0, min(1.0, interval[1]) + 0.0
+
+
 # ---- reports ----
 
 
 def to_markdown(summaries: Sequence[ArmSummary], comparisons: Sequence[Comparison] = ()) -> str:
-    """A table of arms (accuracy as fractions, 95% intervals, seed sd) and one verdict line per comparison."""
+    """A table of arms (accuracy as fractions, 95% intervals, seed sd) and one verdict line per comparison.
+
+    Format accuracy is `n/a` for arms without a judged format (the plain arm).
+    """
     lines = [
         "| arm | accuracy | 95% CI | seed sd | format accuracy | format 95% CI | seeds | questions |",
         "|---|---|---|---|---|---|---|---|",
@@ -301,13 +461,11 @@ def from_json(path: str | Path) -> tuple[list[ArmSummary], list[Comparison]]:
     ]
     comparisons = [
         Comparison(
-            arm=c["arm"],
-            baseline=c["baseline"],
-            difference=c["difference"],
-            ci=tuple(c["ci"]),
-            p_value=c["p_value"],
-            seed_tests=tuple(SeedTest(**t) for t in c["seed_tests"]),
-            alpha=c["alpha"],
+            **{
+                **{k: v for k, v in c.items() if k not in ("verdict", "significant")},
+                "ci": tuple(c["ci"]),
+                "seed_tests": tuple(SeedTest(**t) for t in c["seed_tests"]),
+            }
         )
         for c in payload["comparisons"]
     ]
@@ -315,13 +473,14 @@ def from_json(path: str | Path) -> tuple[list[ArmSummary], list[Comparison]]:
 
 
 def plot_accuracy(summaries: Sequence[ArmSummary], path: str | Path) -> Path:
-    """PNG bar chart: accuracy and format accuracy per arm, with their bootstrap intervals as error bars."""
+    """PNG bar chart: accuracy and format accuracy per arm, with their intervals as error bars."""
     figure, axes = _figure()
     positions = np.arange(len(summaries))
     width = 0.38
     bars = [("accuracy", [(s.accuracy, s.ci) for s in summaries], -width / 2)]
-    if any(s.format_accuracy is not None for s in summaries):
-        formats = [(s.format_accuracy or 0.0, s.format_ci or (0.0, 0.0)) for s in summaries]
+    if any(s.format_accuracy is not None for s in summaries):  # no bar where the format is not judged
+        formats = [(math.nan, (math.nan, math.nan)) if s.format_accuracy is None else (s.format_accuracy, s.format_ci)
+                   for s in summaries]
         bars.append(("format accuracy", formats, width / 2))
     for label, values, offset in bars:
         heights = np.array([v for v, _ in values])
@@ -329,7 +488,7 @@ def plot_accuracy(summaries: Sequence[ArmSummary], path: str | Path) -> Path:
         axes.bar(positions + offset, heights, width, yerr=errors, capsize=4, label=label)
     axes.set_xticks(positions, [s.arm for s in summaries], rotation=20, ha="right")
     axes.set_ylim(0, 1)
-    axes.set_ylabel(f"fraction ({LEVEL:.0%} bootstrap interval)")
+    axes.set_ylabel(f"fraction ({LEVEL:.0%} interval)")
     axes.legend()
     return _save(figure, path)
 

@@ -1,19 +1,28 @@
-"""Arm comparison statistics on synthetic outcomes whose answers are known exactly."""
+"""Arm comparison statistics on synthetic outcomes whose answers are known exactly, and their calibration by
+simulation (false-positive rate and power, a small version of benchmarks/verdict_calibration.py)."""
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sftkey.compare import (
+    PAIRED,
+    QUESTIONS_ONLY,
+    UNPAIRED,
     ArmSummary,
     Comparison,
+    Estimate,
     SeedTest,
-    bootstrap_ci,
-    bootstrap_means,
+    arms_sharing_a_stage,
     compare_arms,
+    compare_with_baseline,
+    crossed_estimate,
     from_json,
+    holm_adjust,
     mcnemar_exact_p,
     outcome_matrix,
     plot_accuracy,
@@ -22,6 +31,7 @@ from sftkey.compare import (
     summarize_arms,
     to_json,
     to_markdown,
+    unpaired_difference,
 )
 
 N_QUESTIONS = 300
@@ -87,46 +97,155 @@ def test_mcnemar_rejects_negative_counts():
         mcnemar_exact_p(-1, 3)
 
 
+# A 3-seed x 4-question table worked by hand: row means 1/2, 1/4, 3/4 (variance 1/16), column means 1, 2/3, 1/3, 0
+# (variance 5/27), residual sum of squares 5/6 over (3-1)(4-1) = 6 cells (mean square 5/36).
+HAND = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
+HAND_SEED_PART = (1 / 16) / 3  # above the floor (5/36) / 4 = 5/144
+HAND_QUESTION_PART = (5 / 27 - (5 / 36) / 3) / 4  # = 5/144
+HAND_ESTIMATE = Estimate(0.5, math.sqrt(HAND_SEED_PART + HAND_QUESTION_PART),
+                         (HAND_SEED_PART + HAND_QUESTION_PART) ** 2 / (HAND_SEED_PART**2 / 2 + HAND_QUESTION_PART**2 / 3))
+
+
+def test_crossed_estimate_worked_by_hand():
+    estimate = crossed_estimate(HAND)
+    assert estimate.mean == 0.5
+    assert estimate.se == pytest.approx(HAND_ESTIMATE.se, rel=1e-12)  # sqrt(1/18)
+    assert estimate.df == pytest.approx(HAND_ESTIMATE.df, rel=1e-12)  # 64 / (9/2 + 25/3)
+    assert estimate.se == pytest.approx(math.sqrt(1 / 18), rel=1e-12)
+
+
+def test_seed_spread_is_floored_at_the_per_model_noise():
+    # Three seeds that agree exactly on their mean (1/3): the spread over seeds is 0, but each model's per-question
+    # noise says such models would differ by chance. Residuals are x - 1/3: three of 2/3 and six of -1/3, sum of
+    # squares 2, mean square 2 / ((3-1)(3-1)) = 1/2; floor 1/2 / 3 questions; question part 0 (equal columns).
+    cells = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    estimate = crossed_estimate(cells)
+    assert estimate.se == pytest.approx(math.sqrt((1 / 2) / 3 / 3), rel=1e-12)  # floor / seeds
+    assert estimate.df == 2
+    assert estimate.se > 0
+
+
+def test_below_three_seeds_only_questions_vary():
+    one_seed = np.array([[1, 1, 0, 0, 1]])
+    estimate = crossed_estimate(one_seed)
+    assert (estimate.mean, estimate.df) == (0.6, 4)
+    assert estimate.se == pytest.approx(math.sqrt(0.3 / 5), rel=1e-12)  # sample variance 0.3 over 5 questions
+    two_seeds = np.array([[1, 1, 0, 0], [1, 0, 0, 0]])
+    assert crossed_estimate(two_seeds).se == pytest.approx(math.sqrt(np.var([1, 0.5, 0, 0], ddof=1) / 4), rel=1e-12)
+
+
+def test_unpaired_difference_against_an_all_wrong_baseline_is_the_arm_itself():
+    estimate = unpaired_difference(HAND, np.zeros((3, 4)))
+    assert (estimate.mean, estimate.se, estimate.df) == pytest.approx((0.5, HAND_ESTIMATE.se, HAND_ESTIMATE.df), rel=1e-12)
+
+
+def test_estimate_interval_and_p_value():
+    estimate = Estimate(2.0, 1.0, 10.0)
+    low, high = estimate.interval()
+    assert (low, high) == pytest.approx((2.0 - 2.228138851986274, 2.0 + 2.228138851986274), rel=1e-9)  # t(10)
+    assert estimate.p_value() == pytest.approx(0.0733880347707, rel=1e-9)  # two-sided, t = 2 with 10 df
+    assert Estimate(0.0, 0.0, math.inf).p_value() == 1.0 and Estimate(0.0, 0.0, math.inf).interval() == (0.0, 0.0)
+
+
+def test_holm_adjustment():
+    assert holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjust([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert holm_adjust([0.04, 0.03]) == pytest.approx([0.06, 0.06])  # monotone: never below a smaller p's
+    assert holm_adjust([]) == []
+
+
 def test_known_difference_is_recovered(arms):
-    result = compare_arms(arms, "B", "A", rng_seed=7)
+    # Unpaired, 5 points on 300 questions with 3 seeds per arm is within what 6 independently trained models can
+    # differ by: every seed of each arm has the same accuracy, but each model's per-question noise says they need not.
+    result = compare_arms(arms, "B", "A")
     assert result.difference == 5.0  # 45 net questions out of 900 cells
-    assert result.ci[0] > 0 and result.ci[1] > result.difference
+    assert (result.design, result.n_seeds, result.p_adjusted) == (UNPAIRED, 3, None)
+    assert result.ci[0] < 0 < result.difference < result.ci[1]
     expected_seed_p = 2 * sum(math.comb(25, k) for k in range(6)) / 2**25
     assert result.seed_tests == tuple(SeedTest(s, 20, 5, expected_seed_p) for s in SEEDS)
-    assert result.p_value == 2 * sum(math.comb(75, k) for k in range(16)) / 2**75  # 60 questions vs 15
-    assert result.significant
-    assert result.verdict().startswith("B vs A: +5.0 points [+")
-    assert result.verdict().endswith(", p = 1.6e-07: significant")
+    a, b = (np.array([[arms[x][s][q] for q in sorted(arms[x][s])] for s in SEEDS]) for x in ("A", "B"))
+    estimate = unpaired_difference(b, a)
+    assert result.p_value == estimate.p_value() and result.ci == pytest.approx(
+        tuple(100 * x for x in estimate.interval()), rel=1e-12)
+    assert not result.significant
+    assert result.verdict().startswith("B vs A: +5.0 points [-")
+    assert result.verdict().endswith(": not significant; 3 seeds, unpaired (Welch); seeds and questions as random "
+                                     "effects")
+
+
+def test_paired_design_runs_on_per_cell_differences(arms):
+    result = compare_arms(arms, "B", "A", paired=True)
+    a, b = (np.array([[arms[x][s][q] for q in sorted(arms[x][s])] for s in SEEDS]) for x in ("A", "B"))
+    estimate = crossed_estimate(b.astype(int) - a.astype(int))
+    assert (result.design, result.difference, result.p_value) == (PAIRED, 5.0, estimate.p_value())
+    # Every seed gains exactly 15 questions: the seed spread is 0, so the floor (per-model noise) carries it; the
+    # shared stage's noise cancels in the per-cell differences, and the gain is significant even with 2 df.
+    assert estimate.df == 2 and estimate.se > 0
+    assert result.significant and result.ci[0] > 0
+    with pytest.raises(ValueError, match="paired by seed but have different seeds"):
+        compare_arms({"A": arms["A"], "C": {0: arms["A"][0]}}, "C", "A", paired=True)
 
 
 def test_reversed_comparison_mirrors(arms):
-    forward = compare_arms(arms, "B", "A", rng_seed=7)
-    backward = compare_arms(arms, "A", "B", rng_seed=7)
+    forward = compare_arms(arms, "B", "A")
+    backward = compare_arms(arms, "A", "B")
     assert backward.difference == -5.0
     assert backward.ci == pytest.approx((-forward.ci[1], -forward.ci[0]), abs=1e-9)
-    assert backward.p_value == forward.p_value
+    assert backward.p_value == pytest.approx(forward.p_value, rel=1e-12)
 
 
 def test_identical_arms_are_not_different(arms):
-    result = compare_arms({"A": arms["A"], "A copy": arms["A"]}, "A copy", "A")
+    result = compare_arms({"A": arms["A"], "A copy": arms["A"]}, "A copy", "A", paired=True)
     assert result.difference == 0.0
     assert result.ci == (0.0, 0.0)
     assert result.p_value == 1.0
     assert all(t == SeedTest(t.seed, 0, 0, 1.0) for t in result.seed_tests)
     assert not result.significant
-    assert result.verdict() == "A copy vs A: +0.0 points [+0.0, +0.0], p = 1.0: not significant"
+    assert result.verdict() == ("A copy vs A: +0.0 points [+0.0, +0.0], p = 1.0: not significant; 3 seeds, "
+                                "paired by seed (shared stage); seeds and questions as random effects")
+
+
+def test_one_seed_is_about_these_models_only(arms):
+    one = {arm: {0: per_seed[0]} for arm, per_seed in arms.items()}
+    result = compare_arms(one, "B", "A")
+    assert (result.design, result.n_seeds) == (QUESTIONS_ONLY, 1)
+    assert result.p_value == mcnemar_exact_p(20, 5)  # the sign test over questions is McNemar's with one seed
+    assert result.verdict().endswith("; 1 seed: seed variance cannot be estimated (fewer than 3), so this verdict "
+                                     "is about these trained models only")
 
 
 def test_verdict_format_and_rule():
     base = dict(arm="SFTKey-Tag", baseline="SFT-Tag", seed_tests=())
     line = Comparison(difference=1.8, ci=(-0.4, 4.0), p_value=0.11, **base).verdict()
-    assert line == "SFTKey-Tag vs SFT-Tag: +1.8 points [-0.4, +4.0], p = 0.11: not significant"
+    assert line == ("SFTKey-Tag vs SFT-Tag: +1.8 points [-0.4, +4.0], p = 0.11: not significant; 1 seed: seed "
+                    "variance cannot be estimated (fewer than 3), so this verdict is about these trained models only")
     assert Comparison(difference=1.8, ci=(0.2, 3.4), p_value=0.049, **base).significant
     assert not Comparison(difference=1.8, ci=(0.2, 3.4), p_value=0.05, **base).significant  # p must be < alpha
-    assert not Comparison(difference=1.8, ci=(-0.1, 3.4), p_value=0.01, **base).significant
-    assert Comparison(difference=-2.0, ci=(-3.5, -0.5), p_value=0.01, **base).verdict() == (
-        "SFTKey-Tag vs SFT-Tag: -2.0 points [-3.5, -0.5], p = 0.01: significant"
-    )
+    holm = Comparison(difference=1.8, ci=(0.2, 3.4), p_value=0.02, p_adjusted=0.06, n_compared=3, n_seeds=3,
+                      design=UNPAIRED, **base)
+    assert not holm.significant  # the adjusted p decides
+    assert holm.verdict() == ("SFTKey-Tag vs SFT-Tag: +1.8 points [+0.2, +3.4], p = 0.02 (Holm over 3: 0.06): "
+                              "not significant; 3 seeds, unpaired (Welch); seeds and questions as random effects")
+
+
+def test_holm_over_the_arms_compared_with_one_baseline(arms):
+    outcomes = {"A": arms["A"], "B": arms["B"], "A copy": arms["A"]}
+    comparisons = compare_with_baseline(outcomes, "A", paired_arms=["A copy"])
+    assert [(c.arm, c.design, c.n_compared) for c in comparisons] == [("B", UNPAIRED, 2), ("A copy", PAIRED, 2)]
+    assert [c.p_adjusted for c in comparisons] == holm_adjust([c.p_value for c in comparisons])
+    single = compare_with_baseline({"A": arms["A"], "B": arms["B"]}, "A")
+    assert single[0].p_adjusted is None and single[0].n_compared == 1
+
+
+def test_arms_pair_when_every_seed_shares_a_stage(arms):
+    outcomes = {"sft_tag": arms["A"], "sftkey_tag": arms["B"], "key_tag": arms["B"]}
+    keys = {("sft_tag", s): {f"stage1-{s}"} for s in SEEDS}
+    keys |= {("sftkey_tag", s): {f"stage1-{s}", f"stage2-{s}"} for s in SEEDS}
+    keys |= {("key_tag", s): {f"key-{s}"} for s in SEEDS}
+    assert arms_sharing_a_stage(outcomes, keys, "sft_tag") == ["sftkey_tag"]
+    keys["sftkey_tag", 2] = {"elsewhere"}  # one seed without the shared stage: no pairing at all
+    assert arms_sharing_a_stage(outcomes, keys, "sft_tag") == []
+    assert arms_sharing_a_stage(outcomes, {}, "sft_tag") == []  # unknown lineages never pair
 
 
 def test_sign_test_with_one_seed_is_mcnemar():
@@ -138,49 +257,73 @@ def test_sign_test_with_one_seed_is_mcnemar():
 def test_arm_summaries(arms):
     a, _ = synthetic_arms()
     matrix = np.array([[a[s][q] for q in sorted(a[s])] for s in SEEDS])
-    summary = summarize_arms({"A": arms["A"]}, format_ok={"A": arms["A"]}, n_resamples=2000)[0]
+    summary = summarize_arms({"A": arms["A"]}, format_ok={"A": arms["A"]})[0]
     assert summary.arm == "A"
     assert summary.seeds == SEEDS
     assert summary.n_questions == N_QUESTIONS
     assert summary.accuracy == matrix.sum() / matrix.size
     assert summary.seed_accuracies == tuple(row.sum() / N_QUESTIONS for row in matrix)
+    assert summary.ci == pytest.approx(crossed_estimate(matrix).interval(), rel=1e-12)
     assert summary.ci[0] < summary.accuracy < summary.ci[1]
     assert summary.format_accuracy == summary.accuracy and summary.format_ci == summary.ci
+    plain = summarize_arms({"A": arms["A"]}, format_ok={})[0]
+    assert (plain.format_accuracy, plain.format_ci) == (None, None)
 
 
-def test_bootstrap_is_deterministic_and_exact_on_constants():
-    rng = np.random.default_rng(0)
-    values = rng.random((3, 50)) < 0.4
-    assert bootstrap_ci(values, 1000, rng_seed=3) == bootstrap_ci(values, 1000, rng_seed=3)
-    assert bootstrap_ci(values, 1000, rng_seed=3) != bootstrap_ci(values, 1000, rng_seed=4)
-    assert bootstrap_ci(np.ones((3, 50), dtype=bool), 500) == (1.0, 1.0)
-
-
-def test_bootstrap_spread_matches_the_binomial_standard_error():
-    values = np.zeros((1, 400))
-    values[0, :100] = 1.0  # one seed: only question sampling varies; sd = sqrt(0.25 * 0.75 / 400)
-    means = bootstrap_means(values, n_resamples=4000, rng_seed=0)
-    assert means.std() == pytest.approx(math.sqrt(0.25 * 0.75 / 400), rel=0.05)
-    assert means.mean() == pytest.approx(0.25, abs=0.002)
-
-
-def test_bootstrap_includes_seed_variance():
-    # Seeds disagree completely (0% vs 100%), questions carry no variance: only seed resampling widens it.
-    values = np.array([[0.0] * 100, [1.0] * 100])
-    low, high = bootstrap_ci(values, 2000, rng_seed=0)
-    assert (low, high) == (0.0, 1.0)
+def test_accuracy_intervals_stay_inside_0_and_1():
+    all_right = {0: {f"q{i}": True for i in range(5)}}
+    summary = summarize_arms({"A": all_right})[0]
+    assert summary.ci == (1.0, 1.0)
+    mostly_wrong = {s: {f"q{i}": i == 0 for i in range(10)} for s in SEEDS}
+    assert summarize_arms({"A": mostly_wrong})[0].ci[0] == 0.0
 
 
 def test_inputs_are_validated(arms):
     broken = {0: {"q1": True, "q2": False}, 1: {"q1": True, "q3": False}}
     with pytest.raises(ValueError, match=r"arm 'X' seed 1: 2 question ids differ from seed 0"):
         outcome_matrix(broken, "X")
-    with pytest.raises(ValueError, match="different seeds"):
-        compare_arms({"A": arms["A"], "C": {0: arms["A"][0]}}, "C", "A")
+    with pytest.raises(ValueError, match=r"score different questions \(301 differ, e.g. 'other'\)"):
+        compare_arms({"A": arms["A"], "C": {0: {"other": True}}}, "C", "A")
     with pytest.raises(ValueError, match="unknown arm 'Z'"):
         compare_arms(arms, "Z", "A")
     with pytest.raises(ValueError, match="no seeds"):
         outcome_matrix({}, "empty")
+    with pytest.raises(ValueError, match="at least 2"):
+        crossed_estimate(np.ones((3, 1)))
+
+
+# ---- calibration: the false-positive rate stays at alpha whatever the seed variance; power where it can be ----
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "verdict_calibration.py"
+    spec = importlib.util.spec_from_file_location("verdict_calibration", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_false_positives_stay_at_alpha_when_seeds_vary(calibration):
+    world = calibration.World(seed_sd=0.8, questions=200)
+    hits, n = calibration.significant_share(world, 150, seed=11)
+    assert hits / n <= 0.09  # 0.05 expected; 0.09 is 2 binomial standard errors above it
+    # The old verdict (a sign test over questions, seeds averaged) is fooled by the seed effects most of the time.
+    old_hits, _ = calibration.significant_share(world, 150, seed=11, sign_test=True)
+    assert old_hits / n >= 0.5
+
+
+def test_power_with_little_seed_variance(calibration):
+    hits, n = calibration.significant_share(calibration.World(effect=0.45), 120, seed=12)
+    assert hits / n >= 0.65  # about 0.82 over 1,000 experiments (benchmarks/RESULTS.md)
+
+
+def test_family_wise_error_over_six_arms(calibration):
+    hits, n = calibration.significant_share(calibration.World(seed_sd=0.5, arms=6, questions=150), 80, seed=13)
+    assert hits / n <= 0.1
 
 
 def _fixed_summaries() -> list[ArmSummary]:
@@ -191,25 +334,26 @@ def _fixed_summaries() -> list[ArmSummary]:
 
 
 def test_to_markdown_exact():
-    comparison = Comparison("SFTKey-Tag", "SFT-Tag", -0.5, (-1.2, 0.3), 0.42, ())
+    comparison = Comparison("SFTKey-Tag", "SFT-Tag", -0.5, (-1.2, 0.3), 0.42, (), n_seeds=2)
     assert to_markdown(_fixed_summaries(), [comparison]) == (
         "| arm | accuracy | 95% CI | seed sd | format accuracy | format 95% CI | seeds | questions |\n"
         "|---|---|---|---|---|---|---|---|\n"
         "| SFT-Tag | 0.029 | [0.020, 0.038] | 0.001 | 0.732 | [0.710, 0.750] | 2 | 1319 |\n"
         "| SFTKey-Tag | 0.024 | [0.016, 0.032] | 0.000 | n/a | n/a | 2 | 1319 |\n"
         "\n"
-        "- SFTKey-Tag vs SFT-Tag: -0.5 points [-1.2, +0.3], p = 0.42: not significant\n"
+        "- SFTKey-Tag vs SFT-Tag: -0.5 points [-1.2, +0.3], p = 0.42: not significant; 2 seeds: seed variance "
+        "cannot be estimated (fewer than 3), so this verdict is about these trained models only\n"
     )
 
 
 def test_json_round_trip(arms, tmp_path):
-    summaries = summarize_arms(arms, format_ok=arms, n_resamples=500)
-    comparisons = [compare_arms(arms, "B", "A", n_resamples=500)]
+    summaries = summarize_arms(arms, format_ok=arms)
+    comparisons = compare_with_baseline({**arms, "A copy": arms["A"]}, "A", paired_arms=["A copy"])
     path = to_json(tmp_path / "report" / "comparison.json", summaries, comparisons)
     assert from_json(path) == (summaries, comparisons)
     payload = json.loads(path.read_text())
     assert payload["comparisons"][0]["verdict"] == comparisons[0].verdict()
-    assert payload["comparisons"][0]["significant"] is True
+    assert [c["significant"] for c in payload["comparisons"]] == [c.significant for c in comparisons]
     assert sorted(p.name for p in path.parent.iterdir()) == ["comparison.json"]  # no temp file left behind
 
 

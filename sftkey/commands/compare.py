@@ -1,8 +1,10 @@
-"""`sftkey compare RUN_DIR...`: accuracy of each arm over its seeds with bootstrap intervals, paired tests
-against a baseline arm, a Markdown table with verdict lines, `compare.json` and a PNG.
+"""`sftkey compare RUN_DIR...`: accuracy of each arm over its seeds with intervals, seed-aware tests against a
+baseline arm (Holm-corrected), a Markdown table with verdict lines, `compare.json` and a PNG (sftkey.compare).
 
 Each RUN_DIR is an output folder of `sftkey eval` (with summary.json and outputs.jsonl) or a folder holding
-such folders. Runs are grouped by the arm and seed their summary records. Where an evaluated checkpoint sits in
+such folders. Runs are grouped by the arm and seed their summary records; runs of another test set or other
+generation settings are refused. An arm whose checkpoints share a trained stage with the baseline's of the same
+seed (their summaries' stage keys meet) is paired by seed. Where an evaluated checkpoint sits in
 a training run (`<run>/checkpoints/<name>/`, with `<run>/metrics.jsonl`), the arm's answer-span training loss
 is plotted too (`answer_loss.png`, the lowest seed of each arm).
 """
@@ -12,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from sftkey.evaluate import OUTPUTS, SUMMARY
 
 CORRECT_FIELDS = {"strict": "strict_correct", "lenient": "lenient_correct"}
+# Runs compared must agree on these: the same questions (data set, split, content version), generated alike.
+SAME_SETTINGS = ("dataset", "split", "data_version", "max_new_tokens", "temperature")
 
 
 class CompareError(ValueError):
@@ -30,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", choices=sorted(CORRECT_FIELDS), default="strict",
                         help="which correctness to compare (strict: the Answer block; lenient: also the last number)")
     parser.add_argument("--out", default="compare", help="folder for compare.json and accuracy.png (default: ./compare)")
-    parser.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (default: sftkey.compare's)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="family-wise significance level, Holm-corrected over the arms (default 0.05)")
 
 
 def find_runs(paths: list[str]) -> list[Path]:
@@ -69,14 +75,23 @@ def answer_loss_curves(runs: list[Path]) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-def load_outcomes(runs: list[Path], field: str) -> tuple[dict, dict]:
-    """(correct, format_ok) as arm -> seed -> uid -> bool, checking that all runs scored the same data set."""
+@dataclass
+class Loaded:
+    """What `sftkey compare` reads from the eval folders."""
+
+    correct: dict  # arm -> seed -> uid -> correct (the chosen metric)
+    format_ok: dict  # the same for format; only arms whose format is judged (tagged)
+    stage_keys: dict  # (arm, seed) -> the stage keys of the checkpoint's lineage
+    warnings: list[str]
+
+
+def load_outcomes(runs: list[Path], field: str) -> Loaded:
+    """The runs' outcomes, checking that they scored the same test set under the same generation settings."""
     from sftkey.evaluate import read_outputs
 
-    correct: dict = {}
-    format_ok: dict = {}
+    loaded = Loaded({}, {}, {}, [])
     where: dict = {}
-    data = {}
+    settings, questions = {}, {}
     for run in runs:
         summary = json.loads((run / SUMMARY).read_text(encoding="utf-8"))
         if not summary.get("complete"):
@@ -84,37 +99,51 @@ def load_outcomes(runs: list[Path], field: str) -> tuple[dict, dict]:
                 f"{run}: unfinished evaluation ({summary.get('n')} of {summary.get('n_questions')} questions); "
                 "rerun its `sftkey eval` command to finish it"
             )
-        data[run] = (summary["dataset"], summary["split"], summary["data_version"])
+        settings[run] = tuple(summary.get(k) for k in SAME_SETTINGS)
         arm, seed = summary["arm"], int(summary["seed"])
         if (arm, seed) in where:
             raise CompareError(f"{where[arm, seed]} and {run} are both arm {arm!r} seed {seed}; pass only one of them")
         where[arm, seed] = run
         rows = read_outputs(run / OUTPUTS)
-        correct.setdefault(arm, {})[seed] = {r["uid"]: bool(r[field]) for r in rows}
-        format_ok.setdefault(arm, {})[seed] = {r["uid"]: bool(r["format_ok"]) for r in rows}
-    if len(set(data.values())) > 1:
-        listing = "; ".join(f"{run}: {d[0]}-{d[1]} ({d[2][:8]})" for run, d in data.items())
-        raise CompareError(f"the runs scored different questions ({listing}); compare one data set at a time")
-    return correct, format_ok
+        questions[run] = (frozenset(r["uid"] for r in rows), summary.get("training_questions_excluded") or 0)
+        loaded.correct.setdefault(arm, {})[seed] = {r["uid"]: bool(r[field]) for r in rows}
+        if summary.get("tagged", True):
+            loaded.format_ok.setdefault(arm, {})[seed] = {r["uid"]: bool(r["format_ok"]) for r in rows}
+        loaded.stage_keys[arm, seed] = frozenset(summary.get("stage_keys") or ())
+        loaded.warnings += [f"{arm} seed {seed}: {w}" for w in summary.get("warnings") or ()]
+    if len(set(settings.values())) > 1:
+        listing = "; ".join(f"{run}: " + ", ".join(f"{k} {v}" for k, v in zip(SAME_SETTINGS, values))
+                            for run, values in settings.items())
+        raise CompareError(f"the runs scored different test sets or generated under different settings ({listing}); "
+                           "compare runs of one test set and one generation setting at a time")
+    if len({uids for uids, _ in questions.values()}) > 1:
+        listing = "; ".join(f"{run}: {len(uids)} questions ({dropped} left out as training questions)"
+                            for run, (uids, dropped) in questions.items())
+        raise CompareError(f"the runs scored different questions ({listing}); compare runs on the same questions")
+    return loaded
 
 
 def run(args: argparse.Namespace) -> int:
     from sftkey import compare
 
     try:
+        if args.alpha is not None and not 0 < args.alpha < 1:
+            raise CompareError(f"--alpha {args.alpha}: give a level in (0, 1), e.g. 0.05")
         runs = find_runs(args.runs)
-        correct, format_ok = load_outcomes(runs, CORRECT_FIELDS[args.metric])
-        baseline = args.baseline or next(iter(correct))
-        if baseline not in correct:
-            raise CompareError(f"--baseline {baseline!r} is not among the arms {sorted(correct)}")
-        resamples = {"n_resamples": args.resamples} if args.resamples else {}
-        summaries = compare.summarize_arms(correct, format_ok, **resamples)
-        comparisons = [compare.compare_arms(correct, arm, baseline, **resamples) for arm in correct if arm != baseline]
+        loaded = load_outcomes(runs, CORRECT_FIELDS[args.metric])
+        baseline = args.baseline or next(iter(loaded.correct))
+        if baseline not in loaded.correct:
+            raise CompareError(f"--baseline {baseline!r} is not among the arms {sorted(loaded.correct)}")
+        summaries = compare.summarize_arms(loaded.correct, loaded.format_ok)
+        paired = compare.arms_sharing_a_stage(loaded.correct, loaded.stage_keys, baseline)
+        comparisons = compare.compare_with_baseline(loaded.correct, baseline, paired, args.alpha or compare.ALPHA)
     except ValueError as e:  # CompareError and sftkey.compare's checks (seeds or questions that differ)
         print(f"sftkey compare: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     print(compare.to_markdown(summaries, comparisons), end="")
+    for warning in loaded.warnings:
+        print(f"warning: {warning}")
     written = [compare.to_json(out / "compare.json", summaries, comparisons),
                compare.plot_accuracy(summaries, out / "accuracy.png")]
     curves = answer_loss_curves(runs)
