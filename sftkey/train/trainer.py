@@ -9,8 +9,10 @@ the step), so the gradient is the same whatever the split, up to float rounding.
     run_stage(config, arm, seed, k, init)  one stage from a given starting model (for orchestration assets)
 
 A run lives in `{output_dir}/{arm}/seed{seed}/`: `config.yaml` (resolved), `metrics.jsonl` (one line per optimizer
-step), `run.json` (status, stages, final checkpoint) and `checkpoints/` (`step-XXXXXXXX/` every train.save_every
-steps, `<stage>-final/` at the end of each stage; see sftkey.train.checkpoint).
+step), `run.json` (status, stages, final checkpoint, base model) and `checkpoints/` (`step-XXXXXXXX/` every
+train.save_every steps, `<stage>-final/` at the end of each stage; see sftkey.train.checkpoint). The base model is
+resolved once per job (with `model_fallback` where `model` cannot be), and its identity (sftkey.models.
+weights_identity) is recorded in run.json, every checkpoint's sftkey.json (`base_model`) and the tracker params.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from sftkey.loss import LossParts, normalize
+from sftkey.models import ResolvedModel, identity_params, resolve_base_model
 from sftkey.roles import ROLE_NAMES
 from sftkey.train import checkpoint as ckpt
 from sftkey.train.batching import Sample, StagePlan, micro_batch, rank_micro_batches, stage_samples, stage_steps, warmup_steps
@@ -41,6 +44,7 @@ from sftkey.train.config import (
     run_config,
     stage_key,
     stage_loss,
+    stage_view,
     training_view,
     validate,
 )
@@ -107,6 +111,7 @@ class Job:
     seed: int
     paths: RunPaths
     accelerator: Any
+    base: ResolvedModel  # the base model's folder and the identity of its weights
     tokenizer: Any
     data_version: str
     stages: list[StageData]
@@ -116,6 +121,13 @@ class Job:
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def base_sha256(self) -> str:
+        return self.base.identity["weights_sha256"]
+
+    def stage_key(self, stage_index: int) -> str:
+        return stage_key(self.config, self.arm_name, self.seed, stage_index, self.data_version, self.base_sha256)
 
     def global_offset(self, stage_index: int) -> int:
         return sum(s.steps for s in self.stages[:stage_index])
@@ -136,12 +148,13 @@ def train_arm(config: TrainConfig, arm: str, seed: int, *, tracker: Tracker | No
     """
     job = _setup(config, arm, seed, tracker, resume, prepared, progress)
     started = time.time()
-    run = {"arm": arm, "seed": seed, "status": "running", "data_version": job.data_version, "stages": [],
-           "final_checkpoint": None, "started": started}
+    run = {"arm": arm, "seed": seed, "status": "running", "data_version": job.data_version,
+           "base_model": job.base.identity, "stages": [], "final_checkpoint": None, "started": started}
     _write_run(job, run)
     job.tracker.set_tags({"arm": arm, "seed": str(seed)})
-    job.tracker.log_params(_flat(training_view(config, arm, seed)) | {"data_version": job.data_version})
-    init: str | Path = config.model
+    job.tracker.log_params(_flat(training_view(config, arm, seed)) | {"data_version": job.data_version}
+                           | _flat(identity_params(job.base.identity)))
+    init: str | Path = job.base.folder
     try:
         for k, stage in enumerate(job.arm.stages):
             final = job.paths.checkpoints / ckpt.final_name(stage.name)
@@ -173,8 +186,11 @@ def run_stage(config: TrainConfig, arm: str, seed: int, stage_index: int, init: 
 
     The result is the same as that stage inside `train_arm` when `init` is the previous stage's final checkpoint.
     A finished stage is returned as is; with `resume`, an interrupted one continues from its newest checkpoint.
+    `init` equal to `config.model` means the base model as the job resolved it (with `model_fallback`).
     """
     job = _setup(config, arm, seed, tracker, resume, prepared, progress, check_existing=False)
+    if str(init) == config.model:
+        init = job.base.folder
     if not 0 <= stage_index < len(job.arm.stages):
         raise ConfigError(f"arm {arm!r} has {len(job.arm.stages)} stages; stage index {stage_index} does not exist")
     final = job.paths.checkpoints / ckpt.final_name(job.arm.stages[stage_index].name)
@@ -183,6 +199,7 @@ def run_stage(config: TrainConfig, arm: str, seed: int, stage_index: int, init: 
         _check_resumable(job, final, meta)
         return final
     job.tracker.set_tags({"arm": arm, "seed": str(seed)})
+    job.tracker.log_params(_flat(identity_params(job.base.identity)))
     return _run_stage(job, stage_index, init, resume=resume)
 
 
@@ -205,7 +222,8 @@ def _setup(config: TrainConfig, arm: str, seed: int, tracker: Tracker | None, re
     if config.train.batch_size % micro_parts:
         raise ConfigError(f"train.batch_size {config.train.batch_size} does not split into {world} processes x "
                           f"train.grad_accum {config.train.grad_accum}: make it a multiple of {micro_parts}")
-    tokenizer = _load_tokenizer(config.model)
+    base = resolve_base_model(config.model, config.model_fallback, announce=accelerator.is_main_process)
+    tokenizer = _load_tokenizer(base.folder)
     tagged = arm_config.format == "tagged"
     if prepared is None:
         from sftkey.prepare import prepare
@@ -234,8 +252,8 @@ def _setup(config: TrainConfig, arm: str, seed: int, tracker: Tracker | None, re
             warm = warmup_steps(config.train.warmup_epochs, config.train.warmup_steps, plan.steps_per_epoch, steps)
         stages.append(StageData(samples, dropped, plan, steps, warm))
     paths = run_paths(config, arm, seed)
-    job = Job(config, arm, arm_config, seed, paths, accelerator, tokenizer, prepared.meta["data_version"], stages,
-              NullTracker(), progress)
+    job = Job(config, arm, arm_config, seed, paths, accelerator, base, tokenizer, prepared.meta["data_version"],
+              stages, NullTracker(), progress)
     newest = ckpt.latest(paths.checkpoints)
     if newest is not None:
         if check_existing and not resume:
@@ -279,16 +297,32 @@ def _is_fsdp(accelerator) -> bool:
 
 
 def _check_resumable(job: Job, folder: Path, meta: dict) -> None:
+    """A checkpoint fits the job when its stage key is the one the job gives its stage: same base weights, data and
+    everything that decides that stage. A stage linked from another arm carries that arm's config; its key is ours."""
     if meta.get("arm") != job.arm_name or meta.get("seed") != job.seed:
         raise RunStateError(f"{folder}: belongs to arm {meta.get('arm')!r} seed {meta.get('seed')}, not arm "
                             f"{job.arm_name!r} seed {job.seed}; point output_dir elsewhere")
     if meta["data_version"] != job.data_version:
         raise RunStateError(f"{folder}: made from data version {meta['data_version'][:16]}, but the data now has "
                             f"version {job.data_version[:16]}; use another output_dir or restore the data")
-    diff = first_difference(meta["config"], training_view(job.config, job.arm_name, job.seed))
-    if diff:
-        raise RunStateError(f"{folder}: made with a different config ({diff}); use another output_dir, or put the "
-                            "old value back to resume")
+    old = meta.get("base_model") or {}
+    if old.get("weights_sha256") != job.base_sha256:
+        now = job.base.identity
+        if not old:
+            raise RunStateError(f"{folder}: made by an older sftkey that did not record its base model's weights, so "
+                                f"it cannot be checked against {now['description']} (weights sha256 "
+                                f"{job.base_sha256}); use another output_dir")
+        raise RunStateError(
+            f"{folder}: trained from base weights sha256 {old.get('weights_sha256')} ({old.get('description')}), but "
+            f"model {job.config.model!r} now gives weights sha256 {job.base_sha256} ({now['description']}); resume "
+            f"where it resolves to the old weights (e.g. with the hub reachable, or the same model_fallback), or use "
+            "another output_dir")
+    k = meta["stage_index"]
+    if meta.get("stage_key") != job.stage_key(k):
+        mine = training_view(job.config, job.arm_name, job.seed)
+        diff = first_difference(stage_view(meta["config"], k, job.arm_name), stage_view(mine, k, job.arm_name))
+        raise RunStateError(f"{folder}: made with a different config ({diff or 'another stage key: an older sftkey'}); "
+                            "use another output_dir, or put the old value back to resume")
 
 
 # --------------------------------------------------------------------------- one stage
@@ -354,7 +388,7 @@ def _run_stage(job: Job, k: int, init: str | Path, resume: bool = True) -> Path:
         stats = torch.zeros(1 + 2 * len(ROLE_NAMES) + 1, dtype=torch.float64)  # total, role nll, role count, tokens
         micro = rank_micro_batches(batch, world, train.grad_accum, rank)
         for a, indices in enumerate(micro):
-            mb = micro_batch(data.samples, indices, pad_id, train.packing, train.pack_length)
+            mb = micro_batch(data.samples, indices, pad_id, train.packing, train.pack_length, train.attn_implementation)
             inputs = {name: t.to(acc.device) for name, t in mb.tensors.items()}
             sync = contextlib.nullcontext() if a == len(micro) - 1 else acc.no_sync(loss_model)
             with sync:
@@ -528,7 +562,7 @@ def _save(job: Job, k: int, step: int, loss_model, optimizer, scheduler, init_di
             "steps": data.steps, "global_step": global_step, "final": final,
             "epoch": step / data.plan.steps_per_epoch, "data_version": job.data_version,
             "config": training_view(job.config, job.arm_name, job.seed),
-            "stage_key": stage_key(job.config, job.arm_name, job.seed, k, job.data_version),
+            "stage_key": job.stage_key(k), "base_model": job.base.identity,
             "init": str(init_dir), "loss": stage.loss, "world_size": acc.num_processes, "created": time.time(),
         }
         ckpt.commit(tmp, folder, meta)
@@ -540,7 +574,7 @@ def _save(job: Job, k: int, step: int, loss_model, optimizer, scheduler, init_di
 
 def _reuse_stage(job: Job, k: int, final: Path) -> dict | None:
     """Link another arm's finished checkpoint of the identical stage (same key) in place of training it again."""
-    key = stage_key(job.config, job.arm_name, job.seed, k, job.data_version)
+    key = job.stage_key(k)
     pattern = f"*/seed{job.seed}/checkpoints/*{ckpt.FINAL_SUFFIX}/{ckpt.META_FILE}"
     source = None
     for meta_file in sorted(Path(job.config.output_dir).glob(pattern)):

@@ -88,6 +88,8 @@ def test_overrides_are_yaml_parsed_and_reach_lists(tmp_path):
     (GOOD, ["data.dataset=gsm9k"], "job.yaml line 3 (with --set data.dataset): data: unknown dataset 'gsm9k'"),
     (GOOD.replace("batch_size: 8", "batch_size: eight"), [],
      "job.yaml line 5: train.batch_size: expected an integer, got 'eight'"),
+    (GOOD.replace("model: tiny", "model: tiny\nmodel_fallback: ' '"), [],
+     "job.yaml line 2: model_fallback: empty; use default, tiny, a folder or a hub id, or null for no fallback"),
 ])
 def test_bad_config_is_named_before_any_work(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -101,6 +103,7 @@ def test_shipped_configs_load_and_cover_the_arms():
     demo = load_config(CONFIGS / "demo_cpu.yaml")
     assert demo.model == "default" and list(demo.arms) == ["sft_tag", "sftkey_tag"]
     gpu = load_config(CONFIGS / "gsm8k_smollm2_gpu.yaml")
+    assert (gpu.model, gpu.model_fallback) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "default")  # the hub's weights
     assert gpu.seeds == [0, 1, 2]
     assert {name: (arm.format, [(s.loss, s.epochs) for s in arm.stages]) for name, arm in gpu.arms.items()} == {
         "sft": ("plain", [("sft", 2.0)]),
@@ -118,13 +121,20 @@ def test_stage_key_is_shared_by_identical_stages_only(tmp_path):
     config = load_config(write(tmp_path, GOOD), [
         "arms.sftkey_tag={format: tagged, stages: [{name: first, loss: sft, epochs: 2}, {name: second, loss: key, epochs: 1}]}"
     ])
-    one = stage_key(config, "sft_tag", 0, 0, "v1")
-    assert stage_key(config, "sftkey_tag", 0, 0, "v1") == one  # stage names are labels, not identity
-    assert stage_key(config, "sftkey_tag", 0, 1, "v1") != one
-    assert stage_key(config, "sft_tag", 1, 0, "v1") != one
-    assert stage_key(config, "sft_tag", 0, 0, "v2") != one
-    changed = load_config(write(tmp_path, GOOD), ["train.save_every=5", "output_dir=elsewhere"])
-    assert stage_key(changed, "sft_tag", 0, 0, "v1") == one  # bookkeeping does not change the weights
+    hub, offline = "a" * 64, "b" * 64  # the base weights' sha256: e.g. the hub's, and an offline fallback's
+    one = stage_key(config, "sft_tag", 0, 0, "v1", hub)
+    assert stage_key(config, "sftkey_tag", 0, 0, "v1", hub) == one  # stage names are labels, not identity
+    assert stage_key(config, "sftkey_tag", 0, 1, "v1", hub) != one
+    assert stage_key(config, "sft_tag", 1, 0, "v1", hub) != one
+    assert stage_key(config, "sft_tag", 0, 0, "v2", hub) != one
+    assert stage_key(config, "sft_tag", 0, 0, "v1", offline) != one  # other base weights, never the same stage
+    changed = load_config(write(tmp_path, GOOD), ["train.save_every=5", "output_dir=elsewhere", "model_fallback=default"])
+    assert stage_key(changed, "sft_tag", 0, 0, "v1", hub) == one  # bookkeeping (and the fallback) do not change it
+    # a later stage's settings are not part of an earlier stage's identity
+    later = load_config(write(tmp_path, GOOD), ["arms.sftkey_tag={format: tagged, stages: [{name: first, loss: sft, "
+                                                "epochs: 2}, {name: second, loss: key, epochs: 1, lr: 1e-3}]}"])
+    assert stage_key(later, "sftkey_tag", 0, 0, "v1", hub) == one
+    assert stage_key(later, "sftkey_tag", 0, 1, "v1", hub) != stage_key(config, "sftkey_tag", 0, 1, "v1", hub)
 
 
 def test_first_difference_names_the_key():

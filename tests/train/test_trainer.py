@@ -1,5 +1,6 @@
 """The trainer end to end on the tiny model: every arm trains, logs per-role losses, checkpoints, resumes exactly."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -248,3 +249,98 @@ def test_impossible_stages_fail_before_any_run_folder_exists(make_config, tmp_pa
     with pytest.raises(ConfigError, match="train.fsdp is true but accelerate's distributed type is NO, not FSDP"):
         train_arm(make_config({"train": {"fsdp": True}}), "sft_tag", 0)  # accelerate has no FSDP on CPU
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("crash_step,left", [(4, ["stage1-final"]), (6, ["stage1-final", "step-00000005"])],
+                         ids=["before-first-stage2-checkpoint", "after-first-stage2-checkpoint"])
+def test_an_arm_with_a_reused_stage1_resumes_its_stage2(make_config, tmp_path, crash_step, left):
+    """SFTKey-Tag's stage 1 is linked from SFT-Tag (its sftkey.json carries SFT-Tag's config); a crash in its
+    stage 2 resumes whether or not a stage-2 checkpoint was written, and a real config change is still refused."""
+    changes = {"train": {"save_every": 2}}  # stage 2 (global steps 4-6) checkpoints at global step 5
+    straight_config = make_config(changes, tmp_path / "straight")
+    train_arm(straight_config, "sft_tag", 0)
+    straight = train_arm(straight_config, "sftkey_tag", 0)
+    config = make_config(changes, tmp_path / "killed")
+    train_arm(config, "sft_tag", 0)
+    with pytest.raises(KeyboardInterrupt):
+        train_arm(config, "sftkey_tag", 0, tracker=CrashAt(crash_step))
+    run = tmp_path / "killed" / "sftkey_tag" / "seed0"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == left
+    stage1 = json.loads((run / "checkpoints" / "stage1-final" / "sftkey.json").read_text())
+    assert stage1["reused_from"] and list(stage1["config"]["arms"]) == ["sft_tag"]  # the other arm's config
+
+    if crash_step == 4:  # the newest checkpoint is the linked stage 1: a change to what made it is named
+        changed, message = {"train": {"save_every": 2, "lr": 2.0e-3}}, r"\(train.lr: 0.001 -> 0.002\)"
+    else:  # the newest is stage 2's own: so is a change to stage 2
+        stages = [{"name": "stage1", "loss": "sft", "steps": 3}, {"name": "stage2", "loss": "key", "steps": 3, "lr": 2.0e-3}]
+        changed = changes | {"arms": {"sftkey_tag": {"format": "tagged", "stages": stages}}}
+        message = r"\(arms.sftkey_tag.stages.1.lr: None -> 0.002\)"
+    with pytest.raises(RunStateError, match=rf"/checkpoints/{left[-1]}: made with a different config {message}"):
+        train_arm(make_config(changed, tmp_path / "killed"), "sftkey_tag", 0, resume=True)
+
+    resumed = train_arm(config, "sftkey_tag", 0, resume=True)
+    expected, got = weights(straight), weights(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert losses(run) == losses(tmp_path / "straight" / "sftkey_tag" / "seed0")
+    assert [row["step"] for row in read_metrics(run / "metrics.jsonl")] == [4, 5, 6]
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
+
+
+def test_an_unreachable_hub_id_falls_back_and_records_the_weights_used(make_config, tmp_path, monkeypatch, capfd):
+    from sftkey.models import ModelResolveError, weights_identity
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SFTKEY_HOME", str(tmp_path / "home"))
+    hub_id = "sftkey-tests/no-such-model-7f3a"
+    final = train_arm(make_config({"model": hub_id, "model_fallback": "tiny"}), "sft_tag", 0)
+    tiny = weights_identity("tiny")
+    notice = (f"sftkey: {hub_id} is not reachable (offline and no copy in the local HF cache); using the fallback "
+              f"tiny: tiny random Llama (sftkey.tiny), for tests and smoke runs (weights sha256 "
+              f"{tiny['weights_sha256'][:16]})\n")
+    assert capfd.readouterr().err.count(notice) == 1
+    used = tiny | {"fallback_for": hub_id,
+                   "fallback_reason": "is not reachable (offline and no copy in the local HF cache)"}
+    run = tmp_path / "runs" / "sft_tag" / "seed0"
+    assert json.loads((run / "run.json").read_text())["base_model"] == used
+    meta = json.loads((final / "sftkey.json").read_text())
+    assert meta["base_model"] == used and meta["config"]["model"] == hub_id
+    params = [row["params"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if row["type"] == "params"][0]
+    assert {k: params[k] for k in ("model", "model.source", "model.weights_sha256", "model.fallback_for")} == {
+        "model": hub_id, "model.source": "tiny", "model.weights_sha256": tiny["weights_sha256"],
+        "model.fallback_for": hub_id}
+    # what `sftkey eval` records of the checkpoint it scores: its own weights, and what it was trained from
+    scored = weights_identity(final)
+    manifest = f"{hashlib.sha256((final / 'model.safetensors').read_bytes()).hexdigest()}  model.safetensors\n"
+    assert scored["weights_sha256"] == hashlib.sha256(manifest.encode()).hexdigest() != tiny["weights_sha256"]
+    assert (scored["source"], scored["stage"], scored["step"], scored["base_model"]) == ("folder", "stage1", 3, used)
+    assert scored["description"] == ("sftkey checkpoint sft_tag/seed0/stage1 step 3, trained from tiny random Llama "
+                                     "(sftkey.tiny), for tests and smoke runs")
+    # without a fallback: the resolve error, before any run folder
+    with pytest.raises(ModelResolveError, match=f"model '{hub_id}': no local folder by that name, HF_HUB_OFFLINE is set"):
+        train_arm(make_config({"model": hub_id}, tmp_path / "no_fallback"), "sft_tag", 0)
+    assert not (tmp_path / "no_fallback").exists()
+
+
+def test_a_resume_on_other_base_weights_is_refused(make_config, tmp_path, tiny_model_dir):
+    from sftkey.models import weights_identity
+    from sftkey.tiny import build_tiny_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    config = make_config({"model": str(base)})
+    final = train_arm(config, "sft_tag", 0)
+    old = weights_identity(base)["weights_sha256"]
+    shutil.copy(build_tiny_model(tmp_path / "other", seed=1) / "model.safetensors", base / "model.safetensors")
+    new = weights_identity(base)["weights_sha256"]
+    assert new != old
+    with pytest.raises(RunStateError, match=rf"stage1-final: trained from base weights sha256 {old} \(model folder "
+                                            rf"{base}\), but model '{base}' now gives weights sha256 {new} \(model "
+                                            rf"folder {base}\); resume where it resolves to the old weights"):
+        train_arm(config, "sft_tag", 0, resume=True)
+    meta = json.loads((final / "sftkey.json").read_text())  # a checkpoint that never recorded its base weights
+    del meta["base_model"]
+    (final / "sftkey.json").write_text(json.dumps(meta))
+    with pytest.raises(RunStateError, match="made by an older sftkey that did not record its base model's weights"):
+        train_arm(config, "sft_tag", 0, resume=True)
