@@ -105,7 +105,7 @@ def rows(experiments: int) -> list[tuple[str, str, World, bool]]:
     """(what, rate name, world, sign test) of every row of the table."""
     null = World()
     alternative = replace(null, effect=0.45)
-    out = [(f"null, seed sd {sd}", "false positives", replace(null, seed_sd=sd), False) for sd in (0.0, 0.3, 0.5, 0.8)]
+    out = [(f"null, seed sd {sd}", "false positives", replace(null, seed_sd=sd), False) for sd in (0.0, 0.1, 0.3, 0.5, 0.8)]
     out += [(f"+0.45 logit, seed sd {sd}", "power", replace(alternative, seed_sd=sd), False) for sd in (0.0, 0.3, 0.8)]
     out += [(f"+0.45 logit, seed sd {sd}, 5 seeds", "power", replace(alternative, seed_sd=sd, seeds=5), False)
             for sd in (0.0, 0.3)]

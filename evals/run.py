@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftkey.data import DataConfig, load_records
-from sftkey.evaluate import gold_records
+from sftkey.evaluate import default_max_new_tokens, gold_records
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TAGGED_TASKS = {"gsm8k_tagged": "gsm8k", "svamp_tagged": "svamp", "math500_tagged": "math500"}  # task -> data set
@@ -31,7 +31,7 @@ STRICT_FILTER = "strict-match"
 class BenchConfig:
     """One lm-eval run: which checkpoint, which tasks, which questions."""
 
-    checkpoint: str = field(default="default", metadata={"help": "model folder, `default` (SmolLM2-135M) or `tiny`"})
+    checkpoint: str = field(default="default", metadata={"help": "model folder, `default` (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised) or `tiny`"})
     tasks: list[str] = field(
         default_factory=lambda: ["gsm8k_tagged"], metadata={"help": f"of {[*TAGGED_TASKS, REFERENCE_TASK]}"}
     )
@@ -44,7 +44,8 @@ class BenchConfig:
         default=None, metadata={"help": "data folder laid out as ../shared/data (default: sftkey's sources)"}
     )
     batch_size: int = field(default=16, metadata={"help": "prompts per generation batch"})
-    max_new_tokens: int = field(default=256, metadata={"help": "cap on new tokens per answer"})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "cap on new tokens per answer; None: the data set's (as in `sftkey eval`)"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu; None: cuda when available"})
     dtype: str = field(default="float32", metadata={"help": "model dtype"})
     log_samples: bool = field(default=False, metadata={"help": "keep per-example samples in the results"})
@@ -95,6 +96,9 @@ def task_config(task: str, config: BenchConfig, folder: Path) -> dict:
         spec["test_split"] = "test"
     spec.update(dataset_path="json", dataset_name=None)
     spec["dataset_kwargs"] = {"data_files": data_files, "cache_dir": str(folder / "cache")}
+    dataset = TAGGED_TASKS.get(task, "gsm8k")
+    spec["generation_kwargs"] = dict(spec.get("generation_kwargs") or {},
+                                     max_gen_toks=config.max_new_tokens or default_max_new_tokens(dataset))
     return spec
 
 
@@ -116,7 +120,6 @@ def run(config: BenchConfig) -> dict:
             tasks=tasks,
             task_manager=TaskManager(include_defaults=False),  # configs come as dicts: skip indexing ~15k tasks
             apply_chat_template=True,
-            gen_kwargs={"max_gen_toks": config.max_new_tokens},
             log_samples=config.log_samples,
             bootstrap_iters=0,
         )
@@ -140,14 +143,15 @@ def strict_correct(results: dict, task: str) -> dict[str, bool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.split("\n")[0])
     defaults = BenchConfig()
-    parser.add_argument("--checkpoint", required=True, help="model folder, `default` (SmolLM2-135M) or `tiny`")
+    parser.add_argument("--checkpoint", required=True, help="model folder, `default` (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised) or `tiny`")
     parser.add_argument("--tasks", default=",".join(defaults.tasks), help=f"comma-separated, of {[*TAGGED_TASKS, REFERENCE_TASK]}")
     parser.add_argument("--split", default=defaults.split, help="split of the questions")
     parser.add_argument("--limit", type=int, default=None, help="at most N questions (the same sample as `sftkey eval --limit N`)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of --limit sampling")
     parser.add_argument("--data-path", default=None, help="data folder laid out as ../shared/data (default: sftkey's sources)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts per generation batch")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="cap on new tokens per answer")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="cap on new tokens per answer (default: the data set's, as in `sftkey eval`)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=defaults.dtype, help="model dtype")
     parser.add_argument("--out", default=None, help="also write the flat metrics to this JSON file")

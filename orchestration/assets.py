@@ -129,13 +129,14 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TrainingAssetCo
                       annotated_dataset: dict, store: ModelStore, dvc: DvcResource,
                       tracking: MlflowResource) -> dg.Output[dict]:
     """The prepared (tokenized, role-tagged) data set in each response format the arms use, DVC-tracked."""
-    from sftkey.models import load_tokenizer, resolve_model
+    from sftkey.models import identity_params, load_tokenizer, resolve_base_model
     from sftkey.prepare import prepare, write_prepared
 
     training = training_config(config)
     formats = sorted({arm.format for arm in training.arms.values()})
-    tokenizer = load_tokenizer(training.model)
-    model_folder = str(resolve_model(training.model))
+    base = resolve_base_model(training.model, training.model_fallback)
+    tokenizer = load_tokenizer(base.folder)
+    model_folder = str(base.folder)
     prepared_by_format, rows = {}, []
     with tracking.asset_run(context) as run:
         for fmt in formats:
@@ -165,11 +166,13 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TrainingAssetCo
             rows.append([fmt, meta["counts"]["kept"], meta["counts"]["excluded"],
                          f"{meta['answer_token_share']:.2%}", tracked.rev[:12]])
             run.log_metrics({f"{fmt}.kept": meta["counts"]["kept"], f"{fmt}.answer_token_share": meta["answer_token_share"]})
-        run.log_params({"model": training.model, "max_length": training.data.max_length, "formats": formats})
+        run.log_params({"model": training.model, "max_length": training.data.max_length, "formats": formats}
+                       | identity_params(base.identity))
         run.set_tags({"sftkey.data_version": raw_dataset["data_version"], "sftkey.dvc_rev": raw_dataset["dvc_rev"]})
     value = {"data_version": raw_dataset["data_version"], "dvc_rev": raw_dataset["dvc_rev"],
-             "formats": prepared_by_format}
+             "formats": prepared_by_format, "base_model": base.identity}
     return dg.Output(value, data_version=dg.DataVersion(content_key(prepared_by_format)), metadata={
+        "model": f"{base.identity['description']} (weights sha256 {base.identity['weights_sha256'][:16]})",
         "formats": dg.MetadataValue.md(_md_table(["format", "kept", "excluded", "answer-token share", "DVC rev"], rows)),
         "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
     })
@@ -217,7 +220,9 @@ def train_stage(context: dg.AssetExecutionContext, config: TrainingAssetConfig, 
                 init: str, store: ModelStore, compute: ComputeResource, tracking: MlflowResource,
                 log_model: bool) -> dg.Output[dict]:
     """Stage `stage_index` of the partition's arm from `init`, in a folder named by the stage's key: a finished
-    stage is reused, an interrupted one resumes from its newest checkpoint, a new one trains."""
+    stage is reused, an interrupted one resumes from its newest checkpoint, a new one trains. The key holds the
+    hash of the base weights as resolved now (with `model_fallback`), as the trainer's does."""
+    from sftkey.models import identity_params, resolve_base_model
     from sftkey.train.config import stage_key, training_view
 
     arm, seed = partition(context)
@@ -225,11 +230,13 @@ def train_stage(context: dg.AssetExecutionContext, config: TrainingAssetConfig, 
     arm_config = arm_of(training, arm, seed)
     stage = arm_config.stages[stage_index]
     data_version = tokenized["data_version"]
-    key = stage_key(training, arm, seed, stage_index, data_version)
+    base = resolve_base_model(training.model, training.model_fallback).identity
+    key = stage_key(training, arm, seed, stage_index, data_version, base["weights_sha256"])
     tags = {"sftkey.arm": arm, "sftkey.seed": str(seed), "sftkey.stage": stage.name, "sftkey.stage_key": key,
             "sftkey.data_version": data_version, "sftkey.dvc_rev": tokenized["dvc_rev"]}
     with tracking.asset_run(context, tags=tags) as run:
-        run.log_params(training_view(training, arm, seed) | {"init": init, "stage_index": stage_index})
+        run.log_params(training_view(training, arm, seed) | {"init": init, "stage_index": stage_index}
+                       | identity_params(base))
         with store.claim("models", key[:20]) as folder:
             checkpoint = finished_stage(folder, seed, key)
             status = "reused"
@@ -247,7 +254,7 @@ def train_stage(context: dg.AssetExecutionContext, config: TrainingAssetConfig, 
              "checkpoint": str(checkpoint), "status": status, "losses": losses,
              "answer_losses": [(row["step"], row["loss_answer"]) for row in rows if "loss_answer" in row],
              "data_version": data_version, "dvc_rev": tokenized["dvc_rev"], "mlflow_run_id": run.run_id,
-             "model_uri": model_uri}
+             "model_uri": model_uri, "base_model": base}
     return dg.Output(value, data_version=dg.DataVersion(key[:20]), metadata={
         "status": status, "stage": stage.name, "loss": stage.loss, "steps": len(rows),
         "final_loss": losses[-1][1] if losses else float("nan"), "checkpoint": dg.MetadataValue.path(str(checkpoint)),
@@ -273,6 +280,8 @@ def logged_model_uri(run, checkpoint: Path, store: ModelStore, tracking: MlflowR
 def passed_through(context: dg.AssetExecutionContext, training, stage1: dict, store: ModelStore,
                    tracking: MlflowResource) -> dg.Output[dict]:
     """stage2_model of a one-stage arm: its stage-1 model, logged to MLflow as the arm's final model."""
+    from sftkey.models import identity_params
+    from sftkey.train.checkpoint import read_meta
     from sftkey.train.config import training_view
 
     arm, seed = stage1["arm"], stage1["seed"]
@@ -282,7 +291,9 @@ def passed_through(context: dg.AssetExecutionContext, training, stage1: dict, st
             "sftkey.stage_key": stage1["key"], "sftkey.data_version": stage1["data_version"],
             "sftkey.dvc_rev": stage1["dvc_rev"]}
     with tracking.asset_run(context, tags=tags) as run:
-        run.log_params(training_view(training, arm, seed) | {"init": stage1["checkpoint"], "skipped": True})
+        base = (read_meta(Path(stage1["checkpoint"])) or {}).get("base_model") or {}  # what it was trained from
+        run.log_params(training_view(training, arm, seed) | {"init": stage1["checkpoint"], "skipped": True}
+                       | identity_params(base))
         model_uri = logged_model_uri(run, Path(stage1["checkpoint"]), store, tracking)
     value = dict(stage1, status="skipped", losses=[], mlflow_run_id=run.run_id, model_uri=model_uri)
     return dg.Output(value, data_version=dg.DataVersion(stage1["key"][:20]), metadata={
@@ -329,14 +340,14 @@ def benchmark_scores(context: dg.AssetExecutionContext, config: BenchmarkAssetCo
                      store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
     """The arm's final model answers the held-out questions: our scorer (strict, lenient, format) and the
     lm-eval tasks. Outputs are resumable: a crash mid-benchmark continues where it stopped."""
-    from sftkey.data import DataConfig
+    from orchestration.config import benchmark_data
     from sftkey.evaluate import OUTPUTS, SUMMARY, EvalConfig, evaluate
     from sftkey.generate import GenerationConfig
 
     arm, seed = partition(context)
     bench = config.model_dump()
     key = content_key(stage2_model["key"], bench)
-    data = DataConfig(config.dataset, config.split, path=config.path, limit=config.limit)
+    data = benchmark_data(config)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=False)
     with tracking.asset_run(context, tags={"sftkey.arm": arm, "sftkey.seed": str(seed)}) as run:
         run.log_params({"benchmark": bench, "checkpoint": stage2_model["checkpoint"]})
@@ -348,14 +359,16 @@ def benchmark_scores(context: dg.AssetExecutionContext, config: BenchmarkAssetCo
             if config.lm_eval_tasks:
                 metrics.update(lm_eval_metrics(config, stage2_model["checkpoint"], compute, folder))
         outcomes = {row["uid"]: bool(row["strict_correct"]) for row in rows}
-        formats = {row["uid"]: bool(row["format_ok"]) for row in rows}
+        formats = {row["uid"]: bool(row["format_ok"]) for row in rows} if summary["tagged"] else None
         write_text(folder / "outcomes.json", json.dumps(outcomes, indent=1, sort_keys=True) + "\n")
-        run.log_metrics(metrics)
+        run.log_metrics({name: value for name, value in metrics.items() if value is not None})  # n/a: not logged
         run.log_artifact(folder / "outcomes.json")
         run.log_artifact(folder / SUMMARY)
         run.log_artifact(folder / OUTPUTS)
         run.set_tags({"sftkey.data_version": stage2_model["data_version"], "sftkey.dvc_rev": stage2_model["dvc_rev"]})
     record = {"arm": arm, "seed": seed, "metrics": metrics, "outcomes": outcomes, "format_ok": formats,
+              "stage_keys": summary["stage_keys"], "warnings": summary["warnings"],
+              "max_new_tokens": summary["max_new_tokens"],
               "folder": str(folder), "benchmark_run_id": run.run_id, "model_uri": stage2_model.get("model_uri"),
               "model_run_id": stage2_model.get("mlflow_run_id"), "checkpoint": stage2_model["checkpoint"],
               "data_version": stage2_model["data_version"], "dvc_rev": stage2_model["dvc_rev"],
@@ -396,9 +409,17 @@ def _png_markdown(path: Path, title: str) -> str:
 @dg.asset(deps=[benchmark_scores], group_name=GROUP, code_version="1")
 def arm_comparison(context: dg.AssetExecutionContext, config: ComparisonAssetConfig, store: ModelStore,
                    tracking: MlflowResource) -> dg.Output[dict]:
-    """Every arm x seed of this pipeline run: accuracy with bootstrap intervals, paired tests against the
-    baseline arm, the table as Markdown, plots."""
-    from sftkey.compare import compare_arms, plot_accuracy, plot_loss_curves, summarize_arms, to_json, to_markdown
+    """Every arm x seed of this pipeline run: accuracy with intervals, seed-aware tests against the baseline arm
+    (arms sharing a stage with it paired by seed, Holm-corrected), the table as Markdown, plots."""
+    from sftkey.compare import (
+        arms_sharing_a_stage,
+        compare_with_baseline,
+        plot_accuracy,
+        plot_loss_curves,
+        summarize_arms,
+        to_json,
+        to_markdown,
+    )
 
     records = {}
     for arm in config.arms:
@@ -409,12 +430,15 @@ def arm_comparison(context: dg.AssetExecutionContext, config: ComparisonAssetCon
                                         f"({path}): materialize benchmark_scores for partition {arm}|{seed} first")
             records[(arm, seed)] = json.loads(path.read_text())
     correct = {arm: {seed: records[arm, seed]["outcomes"] for seed in config.seeds} for arm in config.arms}
-    formats = {arm: {seed: records[arm, seed]["format_ok"] for seed in config.seeds} for arm in config.arms}
-    summaries = summarize_arms(correct, formats, n_resamples=config.n_resamples)
-    comparisons = [compare_arms(correct, arm, config.baseline_arm, n_resamples=config.n_resamples)
-                   for arm in config.arms if arm != config.baseline_arm]
+    formats = {arm: {seed: records[arm, seed]["format_ok"] for seed in config.seeds} for arm in config.arms
+               if all(records[arm, seed]["format_ok"] is not None for seed in config.seeds)}  # tagged arms only
+    stage_keys = {(arm, seed): record["stage_keys"] for (arm, seed), record in records.items()}
+    summaries = summarize_arms(correct, formats)
+    comparisons = compare_with_baseline(correct, config.baseline_arm,
+                                        arms_sharing_a_stage(correct, stage_keys, config.baseline_arm))
     out = store.run_folder("comparison")
-    table = to_markdown(summaries, comparisons)
+    warnings = [f"{arm} seed {seed}: {w}" for (arm, seed), record in records.items() for w in record["warnings"]]
+    table = to_markdown(summaries, comparisons) + "".join(f"\nwarning: {w}\n" for w in warnings)
     write_text(out / "comparison.md", table)
     to_json(out / "comparison.json", summaries, comparisons)
     plots = [plot_accuracy(summaries, out / "accuracy.png")]
@@ -424,11 +448,13 @@ def arm_comparison(context: dg.AssetExecutionContext, config: ComparisonAssetCon
     with tracking.asset_run(context) as run:
         run.log_params({"arms": config.arms, "seeds": config.seeds, "baseline_arm": config.baseline_arm})
         for summary in summaries:
-            run.log_metrics({f"{summary.arm}.accuracy": summary.accuracy, f"{summary.arm}.format_accuracy":
-                             summary.format_accuracy or 0.0})
+            run.log_metrics({f"{summary.arm}.accuracy": summary.accuracy} | (
+                {} if summary.format_accuracy is None else {f"{summary.arm}.format_accuracy": summary.format_accuracy}))
         for comparison in comparisons:
             run.log_metrics({f"{comparison.arm}.difference_points": comparison.difference,
-                             f"{comparison.arm}.p_value": comparison.p_value})
+                             f"{comparison.arm}.p_value": comparison.p_value,
+                             f"{comparison.arm}.p_holm": comparison.p_value if comparison.p_adjusted is None
+                             else comparison.p_adjusted})
         for name in ("comparison.md", "comparison.json", *(p.name for p in plots)):
             run.log_artifact(out / name)
     value = {"table": table, "verdicts": [c.verdict() for c in comparisons], "folder": str(out),

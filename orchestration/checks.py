@@ -1,4 +1,5 @@
-"""Asset checks: annotation coverage, finite training losses, format accuracy, and the promotion gate.
+"""Asset checks: annotation coverage, finite training losses, format accuracy, answers cut by the length cap (a
+warning), and the promotion gate.
 
 The gate is blocking: when it fails, `champion_model` (which moves the registry's `champion` alias) does not run.
 """
@@ -50,9 +51,25 @@ def check_stage2_model_loss_finite(stage2_model: dict) -> dg.AssetCheckResult:
 @dg.asset_check(asset=benchmark_scores, partitions_def=ARM_SEED, description="format accuracy is at least min_format_accuracy")
 def check_benchmark_scores_format_accuracy(config: FormatCheckConfig, benchmark_scores: dict) -> dg.AssetCheckResult:
     accuracy = benchmark_scores["metrics"]["format_accuracy"]
+    if accuracy is None:  # the plain arm writes no tags: there is no format to check
+        return dg.AssetCheckResult(passed=True, description="n/a: untagged (plain) arm", metadata={
+            "format_accuracy": "n/a", "min_format_accuracy": config.min_format_accuracy})
     return dg.AssetCheckResult(passed=accuracy >= config.min_format_accuracy, metadata={
         "format_accuracy": accuracy, "min_format_accuracy": config.min_format_accuracy,
     })
+
+
+@dg.asset_check(asset=benchmark_scores, partitions_def=ARM_SEED,
+                description="at most 5% of the answers were cut by the new-token cap (else accuracy is a floor)")
+def check_benchmark_scores_length_cap(benchmark_scores: dict) -> dg.AssetCheckResult:
+    from sftkey.evaluate import LENGTH_CAP_WARNING_SHARE
+
+    share = benchmark_scores["metrics"]["length_cap_share"]
+    return dg.AssetCheckResult(
+        passed=share <= LENGTH_CAP_WARNING_SHARE, severity=dg.AssetCheckSeverity.WARN,
+        description="; ".join(benchmark_scores.get("warnings", [])) or None,
+        metadata={"length_cap_share": share, "max_share": LENGTH_CAP_WARNING_SHARE,
+                  "max_new_tokens": benchmark_scores.get("max_new_tokens") or -1})
 
 
 @dg.asset_check(asset=registered_model, blocking=True,
@@ -75,4 +92,5 @@ def check_registered_model_promotion_gate(config: GateCheckConfig, registered_mo
 
 
 ALL_CHECKS = [check_annotated_dataset_coverage, check_stage1_model_loss_finite, check_stage2_model_loss_finite,
-              check_benchmark_scores_format_accuracy, check_registered_model_promotion_gate]
+              check_benchmark_scores_format_accuracy, check_benchmark_scores_length_cap,
+              check_registered_model_promotion_gate]

@@ -15,6 +15,8 @@ from typing import Any
 import dagster as dg
 import yaml
 
+from sftkey.data import DataConfig, can_share_records, held_out_config
+from sftkey.data.overlap import describe
 from sftkey.train.config import ConfigError, ConfigSource, TrainConfig, build_dataclass, config_from_dict, read_yaml
 
 MAX_STAGES = 2  # the graph has stage1_model and stage2_model
@@ -38,19 +40,20 @@ class BenchmarkAssetConfig(dg.Config):
     split: str = "test"  # held out: never the training split
     path: str | None = None  # explicit data file or folder
     limit: int | None = 50  # questions answered (a seeded subsample)
-    max_new_tokens: int = 256
+    seed: int = 0  # of the subsample, and of the carve of a single-split set (the training data's, when it is one)
+    test_fraction: float = 0.3  # of a carved single-split set (the training data's, when it is one)
+    max_new_tokens: int | None = None  # None: the data set's cap (sftkey.evaluate.DEFAULT_MAX_NEW_TOKENS)
     batch_size: int = 16
     lm_eval_tasks: list[str] = []  # lm-eval tasks of evals/run.py, e.g. gsm8k_tagged
     lm_eval_limit: int | None = None  # questions per lm-eval task (None: all)
 
 
 class ComparisonAssetConfig(dg.Config):
-    """Which arms x seeds are compared, and against which arm the paired tests run."""
+    """Which arms x seeds are compared, and against which arm the tests run."""
 
     arms: list[str] = []
     seeds: list[int] = [0]
     baseline_arm: str = ""
-    n_resamples: int = 2000
 
 
 class RegistryAssetConfig(dg.Config):
@@ -211,14 +214,20 @@ def _validate(config: PipelineConfig, source: ConfigSource) -> None:
     if config.sections.compute.num_processes < 1:
         raise fail(("compute", "num_processes"), f"must be >= 1, got {config.sections.compute.num_processes}")
     bench = benchmark_config(config, fail)
-    data = config.training.data
-    if (bench.dataset, bench.split, bench.path) == (data.dataset, data.split, data.path):
-        raise fail(("benchmark", "split"), f"the benchmark is the training data ({data.dataset} {data.split}); "
-                   "answer held-out questions (e.g. split: test)")
+    if can_share_records(config.training.data, benchmark_data(bench)):
+        data = config.training.data
+        raise fail(("benchmark", "split"), f"the benchmark ({describe(benchmark_data(bench))}) can share questions "
+                   f"with the training data ({describe(data)}); answer held-out questions (e.g. split: test)")
 
 
 def benchmark_config(config: PipelineConfig, fail=None) -> BenchmarkAssetConfig:
-    """The `benchmark:` section as the asset's config; unknown keys and bad values name the key."""
+    """The `benchmark:` section as the asset's config; unknown keys and bad values name the key.
+
+    A benchmark carved from the same single-split data set as the training data takes the training data's carve
+    (seed, test fraction), whatever the section says: the held-out half, never questions the models trained on.
+    """
+    import dataclasses
+
     import pydantic
 
     fail = fail or (lambda keys, message: ConfigError(f"{'.'.join(keys)}: {message}"))
@@ -228,10 +237,19 @@ def benchmark_config(config: PipelineConfig, fail=None) -> BenchmarkAssetConfig:
         if key not in known:
             raise fail(("benchmark", key), f"unknown key; known keys: {', '.join(known)}")
     try:
-        return BenchmarkAssetConfig(**raw)
+        bench = BenchmarkAssetConfig(**raw)
     except pydantic.ValidationError as e:
         error = e.errors()[0]
         raise fail(("benchmark", *map(str, error["loc"])), error["msg"]) from None
+    training = DataConfig(**{f.name: getattr(config.training.data, f.name) for f in dataclasses.fields(DataConfig)})
+    held_out = held_out_config(training, benchmark_data(bench))
+    return bench.model_copy(update={"seed": held_out.seed, "test_fraction": held_out.test_fraction})
+
+
+def benchmark_data(bench: BenchmarkAssetConfig) -> DataConfig:
+    """The records a benchmark answers."""
+    return DataConfig(bench.dataset, bench.split, path=bench.path, limit=bench.limit, seed=bench.seed,
+                      test_fraction=bench.test_fraction)
 
 
 # ---------------------------------------------------------------------------------- to Dagster

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sftkey.annotate import Annotated, AnnotationConfig, annotate, exclusion_counts
 from sftkey.atomic import write_text
-from sftkey.data import DataConfig, content_version, load_records
+from sftkey.data import DataConfig, DataError, can_share_records, content_version, load_records, shared_uids
+from sftkey.data.overlap import describe
 from sftkey.generate import STOP_LENGTH, Generation, GenerationConfig
 
 CHECKPOINT_META = "sftkey.json"  # written by the trainer next to the weights: arm, seed, stage, step, config
@@ -27,8 +29,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Settings that decide what the outputs are: a rerun into the same folder must match them to resume.
 RESUME_KEYS = (
     "checkpoint", "dataset", "split", "limit", "data_version", "tagged", "dtype", "max_new_tokens", "temperature",
-    "sampling_seed",
+    "sampling_seed", "exclude_training_questions",
 )
+
+# New-token caps that fit each data set's tagged reference answers (SmolLM2 tokens: GSM8K p99 about 300, MATH-500
+# median 190 and p95 654); a cap that cuts answers makes accuracy a floor. Other data sets: GENERIC_MAX_NEW_TOKENS.
+DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 512, "svamp": 256, "math500": 1024}
+GENERIC_MAX_NEW_TOKENS = 512
+LENGTH_CAP_WARNING_SHARE = 0.05  # more answers cut by the cap than this: the summary warns
 
 
 class EvalError(ValueError):
@@ -39,7 +47,7 @@ class EvalError(ValueError):
 class EvalConfig:
     """One evaluation: which checkpoint, which questions, how to generate, where to write."""
 
-    checkpoint: str = field(default="default", metadata={"help": "model folder, `default` (SmolLM2-135M) or `tiny`"})
+    checkpoint: str = field(default="default", metadata={"help": "model folder, `default` (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised) or `tiny`"})
     data: DataConfig = field(default_factory=lambda: DataConfig(split="test"))
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -51,11 +59,24 @@ class EvalConfig:
     )
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; None: cuda when available"})
     dtype: str | None = field(default=None, metadata={"help": "model dtype (e.g. bfloat16 on GPU); None: float32"})
+    exclude_training_questions: bool = field(
+        default=False, metadata={"help": "drop questions the checkpoint trained on (counted) instead of refusing"}
+    )
+
+
+def default_max_new_tokens(dataset: str) -> int:
+    """The new-token cap of a data set when none is given (DEFAULT_MAX_NEW_TOKENS)."""
+    return DEFAULT_MAX_NEW_TOKENS.get(dataset, GENERIC_MAX_NEW_TOKENS)
 
 
 @dataclass
 class CheckpointInfo:
-    """What the trainer recorded about a checkpoint (defaults when it recorded nothing)."""
+    """What the trainer recorded about a checkpoint (defaults when it recorded nothing).
+
+    stage_keys: the identity of every stage that made it (its own and its ancestors' through `init`), so two
+    checkpoints that share a trained stage can be paired by seed. training_data: the data configs those stages
+    trained on; None when unknown (a model without sftkey.json, such as a base model).
+    """
 
     arm: str
     seed: int = 0
@@ -63,26 +84,28 @@ class CheckpointInfo:
     stage: str | None = None
     step: int | None = None
     data_version: str | None = None
+    stage_keys: tuple[str, ...] = ()
+    training_data: tuple[DataConfig, ...] | None = None
 
 
 def read_checkpoint_info(folder: Path) -> CheckpointInfo:
-    """`sftkey.json` of a checkpoint; without one: tagged, seed 0, arm = the folder name.
+    """`sftkey.json` of a checkpoint; without one: tagged, seed 0, arm = the folder name, training data unknown.
 
     The format is the one of the arm in the run config the trainer stored (`config.arms.<arm>.format`; it holds
     one arm, which for a reused stage is the arm that trained it).
     """
     folder = Path(folder)
-    path = folder / CHECKPOINT_META
-    if not path.exists():
+    lineage = checkpoint_lineage(folder)
+    if not lineage:
         return CheckpointInfo(arm=folder.name)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: not valid JSON ({e}); fix or delete the file (the defaults then apply)") from None
-    if not isinstance(meta, dict):
-        raise EvalError(f"{path}: expected a JSON object with arm, seed, stage, step")
+    meta = lineage[0]
     arms = (meta.get("config") or {}).get("arms") or {}
     response_format = next(iter(arms.values()), {}).get("format", "tagged")
+    training_data = []
+    for ancestor in lineage:
+        data = training_data_config(ancestor)
+        if data is not None and data not in training_data:
+            training_data.append(data)
     return CheckpointInfo(
         arm=str(meta.get("arm") or folder.name),
         seed=int(meta.get("seed", 0)),
@@ -90,7 +113,37 @@ def read_checkpoint_info(folder: Path) -> CheckpointInfo:
         stage=meta.get("stage"),
         step=meta.get("step"),
         data_version=meta.get("data_version"),
+        stage_keys=tuple(m["stage_key"] for m in lineage if m.get("stage_key")),
+        training_data=tuple(training_data),
     )
+
+
+def checkpoint_lineage(folder: Path) -> list[dict]:
+    """`sftkey.json` of `folder`, then of the checkpoint it started from (`init`), and so on back to the base model."""
+    lineage, seen = [], set()
+    while folder is not None and folder.resolve() not in seen:
+        seen.add(folder.resolve())
+        path = folder / CHECKPOINT_META
+        if not path.is_file():
+            break
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvalError(f"{path}: not valid JSON ({e}); fix or delete the file (the defaults then apply)") from None
+        if not isinstance(meta, dict):
+            raise EvalError(f"{path}: expected a JSON object with arm, seed, stage, step")
+        lineage.append(meta)
+        folder = Path(meta["init"]) if meta.get("init") else None
+    return lineage
+
+
+def training_data_config(meta: dict) -> DataConfig | None:
+    """The records a checkpoint's stage trained on, from the run config in its sftkey.json (None: not recorded)."""
+    data = (meta.get("config") or {}).get("data")
+    if not isinstance(data, dict):
+        return None
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in data.items() if k in fields})
 
 
 def check_checkpoint(name: str) -> Path:
@@ -164,22 +217,59 @@ def score_row(generation: Generation, gold: str, dataset: str, tagged: bool) -> 
                       "pred_lenient": None, "reasoning_chars": 0, "reason": f"scoring error: {type(e).__name__}: {e}"}
 
 
-def metrics(rows: list[dict]) -> dict:
+def metrics(rows: list[dict], tagged: bool = True) -> dict:
     """The summary metrics of scored rows (names without commas, see sftkey.score.METRIC_NAMES)."""
     from sftkey.score import summarize
 
     if not rows:
         return {}
-    return summarize(rows, [r["stop_reason"] == STOP_LENGTH for r in rows])
+    return summarize(rows, [r["stop_reason"] == STOP_LENGTH for r in rows], tagged=tagged)
+
+
+def drop_training_questions(questions: list[Annotated], data: DataConfig, training: tuple[DataConfig, ...] | None,
+                            checkpoint: Path, exclude: bool) -> tuple[list[Annotated], int]:
+    """The questions the checkpoint did not train on, and how many were dropped (only with `exclude`).
+
+    Refuses (EvalError) to score a question of the checkpoint's training data unless `exclude` is set.
+    """
+    trained: set[str] = set()
+    for config in training or ():
+        if not can_share_records(config, data):
+            continue
+        try:
+            records, _ = load_records(config)
+        except DataError as e:
+            raise EvalError(f"{checkpoint}: cannot check which questions it trained on ({describe(config)}): {e}. "
+                            "Make that training data readable again (the same path or data folder)") from None
+        overlap = set(shared_uids(config, records, data, questions))
+        if overlap and not exclude:
+            hint = f"--seed {config.seed}" if config.dataset == data.dataset else "another data set"
+            raise EvalError(
+                f"{checkpoint} trained on {len(overlap)} of the {len(questions)} questions of {describe(data)} "
+                f"(its training data: {describe(config)}). Score held-out questions ({hint} carves the held-out "
+                "half of a single-split data set), or pass --exclude-training-questions to drop them (counted in "
+                "the summary)"
+            )
+        trained |= overlap
+    return [q for q in questions if q.uid not in trained], len(trained)
 
 
 def evaluate(config: EvalConfig) -> dict:
     """Run (or resume) one evaluation; returns the summary written to `<out>/summary.json`."""
+    from sftkey.models import weights_identity
+
     started = time.perf_counter()
     folder = check_checkpoint(config.checkpoint)
     info = read_checkpoint_info(folder)
     tagged = info.tagged if config.tagged is None else config.tagged
     questions, facts = gold_records(config.data, config.annotation)
+    questions, dropped = drop_training_questions(questions, config.data, info.training_data, folder,
+                                                 config.exclude_training_questions)
+    if not questions:
+        raise EvalError(f"{folder}: every question of {describe(config.data)} is in its training data; "
+                        "score held-out questions")
+    generation = dataclasses.replace(
+        config.generation, max_new_tokens=config.generation.max_new_tokens or default_max_new_tokens(config.data.dataset))
     out = Path(config.out) if config.out else default_out(folder, config.data)
     out.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -188,15 +278,20 @@ def evaluate(config: EvalConfig) -> dict:
         "stage": info.stage,
         "step": info.step,
         "checkpoint": str(folder.resolve()),
+        "model": weights_identity(config.checkpoint, folder=folder),  # exactly which weights answered
         "out": str(out),
         "dataset": config.data.dataset,
         "split": config.data.split,
         "limit": config.data.limit,
         "tagged": tagged,
         "dtype": config.dtype or "float32",
-        "max_new_tokens": config.generation.max_new_tokens,
-        "temperature": config.generation.temperature,
-        "sampling_seed": config.generation.seed,
+        "max_new_tokens": generation.max_new_tokens,
+        "temperature": generation.temperature,
+        "sampling_seed": generation.seed,
+        "stage_keys": list(info.stage_keys),
+        "training_data": None if info.training_data is None else [describe(d) for d in info.training_data],
+        "exclude_training_questions": config.exclude_training_questions,
+        "training_questions_excluded": dropped,
         **facts,
     }
     check_resume(out, settings)
@@ -216,7 +311,7 @@ def evaluate(config: EvalConfig) -> dict:
         gold = {q.uid: q.answer for q in todo}
         prompts = [(q.uid, format_prompt(tokenizer, q.question)) for q in todo]
         with open(out / OUTPUTS, "a", encoding="utf-8") as f:
-            for batch in generate_batches(model, tokenizer, prompts, config.generation):
+            for batch in generate_batches(model, tokenizer, prompts, generation):
                 scored = [score_row(g, gold[g.uid], config.data.dataset, tagged) for g in batch]
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
                 f.flush()
@@ -241,15 +336,26 @@ def check_resume(out: Path, settings: dict) -> None:
 
 
 def write_summary(out: Path, settings: dict, rows: list[dict], n_questions: int, started: float) -> dict:
+    values = metrics(rows, settings.get("tagged", True))
     summary = settings | {
         "n": len(rows),
         "n_questions": n_questions,
         "complete": len(rows) == n_questions,
-        "metrics": metrics(rows),
+        "metrics": values,
+        "warnings": summary_warnings(values, settings.get("max_new_tokens")),
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_text(out / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
+
+
+def summary_warnings(values: dict, max_new_tokens: int | None) -> list[str]:
+    """What a reader of the numbers must know: answers cut by the length cap (more than LENGTH_CAP_WARNING_SHARE)."""
+    share = values.get("length_cap_share", 0.0)
+    if share > LENGTH_CAP_WARNING_SHARE:
+        return [f"{share:.0%} of the answers hit the cap of {max_new_tokens} new tokens (more than "
+                f"{LENGTH_CAP_WARNING_SHARE:.0%}): their accuracy is a floor; raise --max-new-tokens"]
+    return []
 
 
 def resolve_device(device: str | None) -> str:

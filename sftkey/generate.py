@@ -8,6 +8,7 @@ as soon as the last row stops.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
@@ -21,20 +22,22 @@ STOP_LENGTH = "length"  # the new-token cap was reached first
 # Drop finished rows once this share of the live rows has finished: dropping copies the KV cache, so
 # doing it for every single finished row would cost more than it saves on a large batch.
 DROP_FINISHED_SHARE = 0.125
+GENERIC_MAX_NEW_TOKENS = 256  # when nothing says otherwise; `sftkey eval` sets one per data set
 
 
 @dataclass
 class GenerationConfig:
     """How responses are generated."""
 
-    max_new_tokens: int = field(default=256, metadata={"help": "cap on new tokens per response"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": f"cap on new tokens per response; None: {GENERIC_MAX_NEW_TOKENS} (sftkey eval: the data set's cap)"})
     batch_size: int = field(default=16, metadata={"help": "prompts per batch (batches hold prompts of similar length)"})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy; > 0: sample from softmax(logits / temperature)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler (unused when greedy)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -80,6 +83,8 @@ def generate_batches(
     from tqdm import tqdm
 
     config = config or GenerationConfig()
+    if config.max_new_tokens is None:
+        config = dataclasses.replace(config, max_new_tokens=GENERIC_MAX_NEW_TOKENS)
     if len({uid for uid, _ in prompts}) != len(prompts):
         raise ValueError("prompt uids must be unique")
     if not prompts:

@@ -70,6 +70,12 @@ def test_eval_writes_scored_outputs_and_a_summary(checkpoint, data_file):
     }
     assert summary["metrics"] == {"strict_accuracy": 0.0, "lenient_accuracy": 0.0, "format_accuracy": 0.0, "composite": 0.0,
                                   "mean_reasoning_chars": 0.0, "length_cap_share": 1.0, "n": 2}
+    assert summary["warnings"] == ["100% of the answers hit the cap of 5 new tokens (more than 5%): their accuracy "
+                                   "is a floor; raise --max-new-tokens"]
+    assert (summary["model"]["source"], summary["model"]["path"]) == ("folder", str(checkpoint))
+    assert len(summary["model"]["weights_sha256"]) == 64
+    # a base model (no sftkey.json): its training data is unknown, nothing is left out
+    assert (summary["training_data"], summary["training_questions_excluded"], summary["stage_keys"]) == (None, 0, [])
 
 
 def test_rerun_skips_answered_questions_and_drops_a_cut_off_line(checkpoint, data_file, tmp_path):
@@ -116,6 +122,106 @@ def test_data_without_gold_answers_is_refused(checkpoint, tmp_path):
     path.write_text(json.dumps({"question": "What is 2+2?", "answer": "It is four."}) + "\n")
     with pytest.raises(EvalError, match=r"no question with a gold answer \(1 records, excluded: \{\"no '####' answer marker\": 1\}\)"):
         evaluate(EvalConfig(checkpoint=str(checkpoint), data=DataConfig("gsm8k", "test", path=str(path))))
+
+
+# ---- training questions are never scored ----
+
+
+SVAMP_ROWS = [{"ID": f"chal-{i}", "Body": f"Ann has {i} apples and buys {i + 2} more.", "Question": "How many now?",
+               "Equation": f"( {i}.0 + {i + 2}.0 )", "Answer": float(2 * i + 2), "Type": "Addition"} for i in range(40)]
+
+
+@pytest.fixture
+def svamp_folder(tmp_path):
+    """A data folder laid out as ../shared/data with a 40-problem SVAMP (carved 70/30 by seed)."""
+    (tmp_path / "data" / "svamp").mkdir(parents=True)
+    (tmp_path / "data" / "svamp" / "SVAMP.json").write_text(json.dumps(SVAMP_ROWS))
+    return tmp_path / "data"
+
+
+def trained_on(checkpoint, data: dict, init: str | None = None, stage_key: str = "key-1"):
+    """Give `checkpoint` the sftkey.json the trainer writes, saying it trained on `data`."""
+    meta = {"arm": "sft_tag", "seed": 0, "stage": "stage1", "step": 10, "stage_key": stage_key, "init": init,
+            "config": {"arms": {"sft_tag": {"format": "tagged"}}, "data": data}}
+    (checkpoint / "sftkey.json").write_text(json.dumps(meta))
+    return checkpoint
+
+
+def svamp_eval(checkpoint, folder, seed=0, **kw) -> EvalConfig:
+    return EvalConfig(checkpoint=str(checkpoint), data=DataConfig("svamp", "test", path=str(folder), seed=seed),
+                      generation=GenerationConfig(max_new_tokens=2, batch_size=8, progress=False), **kw)
+
+
+def test_questions_the_checkpoint_trained_on_are_refused(checkpoint, svamp_folder, tmp_path):
+    from sftkey.data import load_records
+
+    train = DataConfig("svamp", "train", path=str(svamp_folder), seed=1)
+    trained_on(checkpoint, vars(train))
+    train_uids = {r.uid for r in load_records(train)[0]}
+    test_uids = {r.uid for r in load_records(DataConfig("svamp", "test", path=str(svamp_folder)))[0]}
+    shared = len(train_uids & test_uids)
+    assert shared > 0  # the carve with seed 0 puts some of seed 1's training half into its test half
+    message = (rf"trained on {shared} of the {len(test_uids)} questions of svamp test \(carve seed 0, test fraction "
+               r"0.3; .*\) \(its training data: svamp train \(carve seed 1, test fraction 0.3; .*\)\)\. Score "
+               r"held-out questions \(--seed 1 carves .*\), or pass --exclude-training-questions")
+    with pytest.raises(EvalError, match=message):
+        evaluate(svamp_eval(checkpoint, svamp_folder, out=str(tmp_path / "refused")))
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+
+    dropped = evaluate(svamp_eval(checkpoint, svamp_folder, out=str(tmp_path / "dropped"),
+                                  exclude_training_questions=True))
+    rows = read_outputs(tmp_path / "dropped" / OUTPUTS)
+    assert {r["uid"] for r in rows} == test_uids - train_uids
+    assert (dropped["training_questions_excluded"], dropped["n_questions"]) == (shared, len(test_uids) - shared)
+    assert dropped["training_data"] == [f"svamp train (carve seed 1, test fraction 0.3; {svamp_folder})"]
+
+    held_out = evaluate(svamp_eval(checkpoint, svamp_folder, seed=1, out=str(tmp_path / "held-out")))
+    held_out_uids = {r["uid"] for r in read_outputs(tmp_path / "held-out" / OUTPUTS)}
+    assert held_out_uids and not held_out_uids & train_uids and held_out["training_questions_excluded"] == 0
+
+
+def test_training_data_of_earlier_stages_counts_too(checkpoint, svamp_folder, tmp_path):
+    # stage 2 trained on GSM8K, starting from a stage 1 that trained on all of SVAMP: SVAMP questions are refused.
+    stage1 = trained_on(shutil.copytree(checkpoint, tmp_path / "stage1"), vars(DataConfig("svamp", "all", path=str(svamp_folder))))
+    trained_on(checkpoint, vars(DataConfig("gsm8k", "train")), init=str(stage1), stage_key="key-2")
+    info = read_checkpoint_info(checkpoint)
+    assert info.stage_keys == ("key-2", "key-1")
+    assert [d.dataset for d in info.training_data] == ["gsm8k", "svamp"]
+    with pytest.raises(EvalError, match=r"trained on \d+ of the \d+ questions of svamp test"):
+        evaluate(svamp_eval(checkpoint, svamp_folder, seed=1))
+
+
+def test_unreadable_training_data_is_an_error_not_a_pass(checkpoint, svamp_folder):
+    trained_on(checkpoint, vars(DataConfig("svamp", "train", path=str(svamp_folder / "gone"), seed=1)))
+    with pytest.raises(EvalError, match=r"cannot check which questions it trained on .*Make that training data readable"):
+        evaluate(svamp_eval(checkpoint, svamp_folder))
+
+
+def test_eval_command_refuses_and_excludes_training_questions(checkpoint, svamp_folder, tmp_path, capsys):
+    trained_on(checkpoint, vars(DataConfig("svamp", "train", path=str(svamp_folder), seed=1)))
+    argv = ["eval", "--checkpoint", str(checkpoint), "--dataset", "svamp", "--data-path", str(svamp_folder),
+            "--max-new-tokens", "2", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "or pass --exclude-training-questions to drop them" in capsys.readouterr().err
+    assert main([*argv, "--exclude-training-questions"]) == 0
+    assert "questions left out: the checkpoint trained on them" in capsys.readouterr().out
+
+
+def test_the_cap_defaults_to_the_data_sets(checkpoint, data_file, tmp_path):
+    from sftkey.evaluate import DEFAULT_MAX_NEW_TOKENS
+
+    assert DEFAULT_MAX_NEW_TOKENS == {"gsm8k": 512, "svamp": 256, "math500": 1024}
+    summary = evaluate(EvalConfig(checkpoint=str(checkpoint), data=DataConfig("gsm8k", "test", path=str(data_file), limit=1),
+                                  generation=GenerationConfig(batch_size=1, progress=False), out=str(tmp_path / "o")))
+    assert summary["max_new_tokens"] == 512
+
+
+def test_plain_arm_has_no_format_or_composite(checkpoint, data_file, capsys, tmp_path):
+    summary = evaluate(config(checkpoint, data_file, tagged=False, out=str(tmp_path / "plain")))
+    assert (summary["metrics"]["format_accuracy"], summary["metrics"]["composite"]) == (None, None)
+    from sftkey.commands.eval import summary_lines
+
+    assert "format n/a  composite n/a" in summary_lines(summary)[1]
 
 
 def test_checkpoint_info_defaults_and_the_trainers_file(tmp_path):
@@ -170,7 +276,9 @@ def test_eval_command_prints_the_figures(checkpoint, data_file, tmp_path, capsys
     assert main(argv) == 0
     assert capsys.readouterr().out.splitlines() == [
         "run-a (seed 0) on gsm8k-test: 3 of 3 questions scored, 0 records excluded",
-        "strict 0.000  lenient 0.000  format 0.000  composite 0.000  reasoning 0 chars  length cap 1.000",
+        "strict 0.000  lenient 0.000  format 0.000  composite 0.000  reasoning 0 chars  length cap 1.000 (cap 3 tokens)",
+        "warning: 100% of the answers hit the cap of 3 new tokens (more than 5%): their accuracy is a floor; raise "
+        "--max-new-tokens",
         f"wrote {out}",
     ]
     assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--data-path", str(data_file)]) == 2
@@ -203,10 +311,12 @@ def test_compare_command_groups_runs_by_arm_and_seed(tmp_path, capsys):
     fake_run(runs / "key-0", "key", 0, [True, True, True, False])
     fake_run(runs / "key-1", "key", 1, [True, True, True, True])
     out = tmp_path / "report"
-    assert main(["compare", str(runs), "--baseline", "base", "--out", str(out), "--resamples", "200"]) == 0
+    assert main(["compare", str(runs), "--baseline", "base", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| base | 0.375 |" in printed and "| key | 0.875 |" in printed
     assert "- key vs base: +50.0 points" in printed
+    assert "2 seeds: seed variance cannot be estimated (fewer than 3), so this verdict is about these trained " \
+           "models only" in printed
     report = json.loads((out / "compare.json").read_text())
     assert [(a["arm"], a["seeds"], a["accuracy"], a["format_accuracy"]) for a in report["arms"]] == [
         ("base", [0, 1], 0.375, 1.0), ("key", [0, 1], 0.875, 1.0)]
@@ -220,7 +330,7 @@ def test_compare_refuses_runs_it_cannot_pair(tmp_path, capsys):
     fake_run(tmp_path / "d", "key", 1, [True], complete=False)
     cases = [
         (["a", "b"], "are both arm 'base' seed 0; pass only one of them"),
-        (["a", "c"], "the runs scored different questions"),
+        (["a", "c"], "the runs scored different test sets or generated under different settings"),
         (["d"], "unfinished evaluation (1 of 2 questions); rerun its `sftkey eval` command"),
         (["a", "--baseline", "nope"], "--baseline 'nope' is not among the arms ['base']"),
         (["empty"], "no summary.json in it or below it"),

@@ -15,7 +15,7 @@ from sftkey.generate import GenerationConfig
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="model folder (config.json, *.safetensors, tokenizer), `default` (SmolLM2-135M) or `tiny`")
+                        help="model folder (config.json, *.safetensors, tokenizer), `default` (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised) or `tiny`")
     add_data_arguments(parser)
     parser.set_defaults(split="test")
     defaults = GenerationConfig()
@@ -23,12 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint>/eval/<dataset>-<split>[-limitN])")
     parser.add_argument("--format", choices=["tagged", "plain"], default=None,
                         help="response format to score (default: from the checkpoint's sftkey.json, else tagged)")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="cap on new tokens per answer")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="cap on new tokens per answer (default: the data set's, e.g. gsm8k 512, math500 1024)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="questions per generation batch")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy (default); > 0: sampled")
     parser.add_argument("--sampling-seed", type=int, default=defaults.seed, help="seed of sampled generation")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 on a GPU (default: float32)")
+    parser.add_argument("--exclude-training-questions", action="store_true",
+                        help="drop questions the checkpoint trained on (counted in the summary) instead of refusing")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             tagged=None if args.format is None else args.format == "tagged",
             device=args.device,
             dtype=args.dtype,
+            exclude_training_questions=args.exclude_training_questions,
         )
         summary = evaluate(config)
     except ValueError as e:  # DataError, EvalError and bad settings: their messages say what to fix
@@ -62,17 +66,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _value(metric: float | None) -> str:
+    return "n/a" if metric is None else f"{metric:.3f}"  # the plain arm has no format, hence no composite
+
+
 def summary_lines(summary: dict) -> list[str]:
     m = summary["metrics"]
     lines = [
         f"{summary['arm']} (seed {summary['seed']}) on {summary['dataset']}-{summary['split']}: "
         f"{summary['n']} of {summary['n_questions']} questions scored, {summary['excluded']} records excluded",
     ]
+    if summary.get("training_questions_excluded"):
+        lines.append(f"{summary['training_questions_excluded']} questions left out: the checkpoint trained on them")
     if m:
         lines.append(
-            f"strict {m['strict_accuracy']:.3f}  lenient {m['lenient_accuracy']:.3f}  format {m['format_accuracy']:.3f}  "
-            f"composite {m['composite']:.3f}  reasoning {m['mean_reasoning_chars']:.0f} chars  "
-            f"length cap {m['length_cap_share']:.3f}"
+            f"strict {m['strict_accuracy']:.3f}  lenient {m['lenient_accuracy']:.3f}  format {_value(m['format_accuracy'])}  "
+            f"composite {_value(m['composite'])}  reasoning {m['mean_reasoning_chars']:.0f} chars  "
+            f"length cap {m['length_cap_share']:.3f} (cap {summary['max_new_tokens']} tokens)"
         )
+    lines.extend(f"warning: {w}" for w in summary.get("warnings", []))
     lines.append(f"wrote {summary['out']}")
     return lines

@@ -1,6 +1,8 @@
-"""Data sets: where records come from (sources) and their canonical form (records)."""
+"""Data sets: where records come from (sources), their canonical form (records), and train/test overlap."""
 
+from sftkey.data.overlap import can_share_records, held_out_config, shared_uids
 from sftkey.data.records import DataError, Record, content_version
 from sftkey.data.sources import DATASETS, DataConfig, load_records
 
-__all__ = ["DATASETS", "DataConfig", "DataError", "Record", "content_version", "load_records"]
+__all__ = ["DATASETS", "DataConfig", "DataError", "Record", "can_share_records", "content_version",
+           "held_out_config", "load_records", "shared_uids"]

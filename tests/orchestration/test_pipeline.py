@@ -11,6 +11,7 @@ import pytest
 from orchestration.config import resources, run_config
 from orchestration.registry import CHAMPION, lineage_lines, version_by_alias, walk_lineage
 from orchestration.tracking import ASSET_TAG, PARENT_TAG
+from sftkey.models import weights_identity
 
 ARMS = ["sft_tag", "sftkey_tag"]
 PARTITIONS = {"sft_tag|0", "sftkey_tag|0"}
@@ -87,6 +88,9 @@ def test_mlflow_runs_one_per_materialization_under_the_pipeline_run(smoke_run):
     stage1 = next(r for r in children if r.data.tags[ASSET_TAG] == "stage1_model"
                   and r.data.tags["sftkey.arm"] == "sft_tag")
     assert [m.step for m in client.get_metric_history(stage1.info.run_id, "loss")] == list(range(1, 61))
+    base = weights_identity(stage1.data.params["model"])  # the weights the stage trained from, named in MLflow
+    assert {k: stage1.data.params[k] for k in ("model.source", "model.weights_sha256", "model.description")} == {
+        "model.source": "folder", "model.weights_sha256": base["weights_sha256"], "model.description": base["description"]}
     bench = next(r for r in children if r.data.tags[ASSET_TAG] == "benchmark_scores")
     assert {"strict_accuracy", "format_accuracy", "composite"} <= set(bench.data.metrics)
     assert bench.data.metrics["svamp_tagged/sample_len"] == 8  # the lm-eval task ran too
@@ -202,3 +206,30 @@ def test_unreachable_mlflow_fails_before_any_work(smoke_run, tmp_path):
     with pytest.raises(TrackingUnavailable, match="did not answer"):
         run_pipeline(pipeline_config_from_dict(raw), echo=lambda line: None, instance=smoke_run.instance)
     assert not (tmp_path / "work" / "store").exists()
+
+
+def test_benchmark_never_scores_the_training_questions(smoke_run):
+    """The smoke models trained on 64 records of SVAMP's train half carved with seed 0. A run config edited (e.g.
+    in the UI) to benchmark the test half of another carve, which holds some of those records, fails with the
+    overlap count before any question is asked."""
+    from orchestration.checks import ALL_CHECKS
+    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, op_config_for
+
+    assert smoke_run.result.comparison  # the normal run scored the held-out half: no refusal
+    res = resources(smoke_run.config, "overlap-test")
+    ops = run_config(smoke_run.config)
+    ops["ops"]["benchmark_scores"]["config"] |= {"seed": 1, "limit": None}  # every question of that half
+    graph = ALL_ASSETS + ALL_CHECKS
+    upstream = [a for a in ALL_ASSETS if a.key.to_user_string() in ("stage1_model", "stage2_model", "benchmark_scores")]
+
+    key = dg.MultiPartitionKey({"arm": "sft_tag", "seed": "0"})
+    assert dg.materialize(graph, selection=DATA_ASSETS, instance=smoke_run.instance, resources=res,
+                          run_config=op_config_for(ops, DATA_ASSETS)).success
+    result = dg.materialize(graph, selection=upstream, partition_key=key, instance=smoke_run.instance, resources=res,
+                            run_config=op_config_for(ops, upstream), raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "benchmark_scores"
+    error = failure.event_specific_data.error.to_string()
+    assert "EvalError" in error and " questions of svamp test (carve seed 1, " in error
+    assert "or pass --exclude-training-questions to drop them" in error

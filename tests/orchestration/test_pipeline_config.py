@@ -9,10 +9,12 @@ import yaml
 
 from orchestration.config import default_tracking_uri, load_pipeline_config, resources, run_config
 from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, op_config_for
+from sftkey.data import DataConfig
 from sftkey.train.config import ConfigError
 
 PROJECT = Path(__file__).resolve().parents[2]
 SMOKE_CONFIG = PROJECT / "configs" / "pipeline_smoke.yaml"
+SHARED_SVAMP = PROJECT.parent / "shared" / "data" / "svamp" / "SVAMP.json"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -70,8 +72,33 @@ def test_benchmark_on_the_training_data_is_refused(tmp_path):
     raw = yaml.safe_load(SMOKE_CONFIG.read_text())
     raw["benchmark"]["split"] = "train"
     path = write(tmp_path, yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="benchmark.split: the benchmark is the training data"):
+    with pytest.raises(ConfigError, match=r"benchmark.split: the benchmark \(svamp train .*\) can share questions "
+                                          r"with the training data \(svamp train .*\); answer held-out questions"):
         load_pipeline_config(path)
+    raw["benchmark"]["split"] = "all"  # the whole data set holds the training half
+    with pytest.raises(ConfigError, match="can share questions with the training data"):
+        load_pipeline_config(write(tmp_path, yaml.safe_dump(raw)))
+
+
+def test_benchmark_takes_the_training_datas_carve(tmp_path):
+    """Training on SVAMP's train half carved with seed 1: the benchmark's test half is carved with seed 1 too,
+    whatever the benchmark section says (with seed 0, 195 of the 303 test questions would be training questions)."""
+    from orchestration.config import benchmark_config, benchmark_data
+    from sftkey.data import can_share_records, load_records, shared_uids
+
+    raw = yaml.safe_load(SMOKE_CONFIG.read_text())
+    raw["training"]["data"] = {"dataset": "svamp", "split": "train", "seed": 1, "test_fraction": 0.25, "max_length": 256}
+    raw["benchmark"] |= {"seed": 0, "limit": None}
+    config = load_pipeline_config(write(tmp_path, yaml.safe_dump(raw)))
+    bench = benchmark_config(config)
+    assert (bench.dataset, bench.split, bench.seed, bench.test_fraction) == ("svamp", "test", 1, 0.25)
+    assert run_config(config)["ops"]["benchmark_scores"]["config"]["seed"] == 1
+    training = DataConfig("svamp", "train", seed=1, test_fraction=0.25)
+    assert not can_share_records(training, benchmark_data(bench))
+    if not SHARED_SVAMP.is_file():
+        pytest.skip(f"{SHARED_SVAMP} is absent: the record-level check needs the real SVAMP")
+    questions = load_records(benchmark_data(bench))[0]
+    assert len(questions) > 200 and not shared_uids(training, load_records(training)[0], benchmark_data(bench), questions)
 
 
 def test_unknown_candidate_arm_is_refused(tmp_path):
