@@ -18,7 +18,7 @@ from pathlib import Path
 from sftkey.annotate import Annotated, AnnotationConfig, annotate, exclusion_counts
 from sftkey.atomic import write_text
 from sftkey.data import DataConfig, DataError, can_share_records, content_version, load_records, shared_uids
-from sftkey.data.overlap import describe
+from sftkey.data.overlap import describe, is_carved
 from sftkey.generate import STOP_LENGTH, Generation, GenerationConfig
 
 CHECKPOINT_META = "sftkey.json"  # written by the trainer next to the weights: arm, seed, stage, step, config
@@ -243,12 +243,12 @@ def drop_training_questions(questions: list[Annotated], data: DataConfig, traini
                             "Make that training data readable again (the same path or data folder)") from None
         overlap = set(shared_uids(config, records, data, questions))
         if overlap and not exclude:
-            hint = f"--seed {config.seed}" if config.dataset == data.dataset else "another data set"
+            held_out = (f"--split test --seed {config.seed}: the held-out half of the training carve"
+                        if is_carved(config) and config.dataset == data.dataset else "another split or data set")
             raise EvalError(
                 f"{checkpoint} trained on {len(overlap)} of the {len(questions)} questions of {describe(data)} "
-                f"(its training data: {describe(config)}). Score held-out questions ({hint} carves the held-out "
-                "half of a single-split data set), or pass --exclude-training-questions to drop them (counted in "
-                "the summary)"
+                f"(its training data: {describe(config)}). Score held-out questions ({held_out}), or pass "
+                "--exclude-training-questions to drop them (counted in the summary)"
             )
         trained |= overlap
     return [q for q in questions if q.uid not in trained], len(trained)

@@ -163,7 +163,8 @@ def test_questions_the_checkpoint_trained_on_are_refused(checkpoint, svamp_folde
     assert shared > 0  # the carve with seed 0 puts some of seed 1's training half into its test half
     message = (rf"trained on {shared} of the {len(test_uids)} questions of svamp test \(carve seed 0, test fraction "
                r"0.3; .*\) \(its training data: svamp train \(carve seed 1, test fraction 0.3; .*\)\)\. Score "
-               r"held-out questions \(--seed 1 carves .*\), or pass --exclude-training-questions")
+               r"held-out questions \(--split test --seed 1: the held-out half of the training carve\), or pass "
+               r"--exclude-training-questions")
     with pytest.raises(EvalError, match=message):
         evaluate(svamp_eval(checkpoint, svamp_folder, out=str(tmp_path / "refused")))
     assert not (tmp_path / "refused").exists()  # refused before anything is written
