@@ -354,7 +354,8 @@ def summary_warnings(values: dict, max_new_tokens: int | None) -> list[str]:
     share = values.get("length_cap_share", 0.0)
     if share > LENGTH_CAP_WARNING_SHARE:
         return [f"{share:.0%} of the answers hit the cap of {max_new_tokens} new tokens (more than "
-                f"{LENGTH_CAP_WARNING_SHARE:.0%}): their accuracy is a floor; raise --max-new-tokens"]
+                f"{LENGTH_CAP_WARNING_SHARE:.0%}): their accuracy is a floor; raise the cap (sftkey eval --max-new-tokens, "
+                "pipeline benchmark.max_new_tokens)"]
     return []
 
 

@@ -71,7 +71,8 @@ def test_eval_writes_scored_outputs_and_a_summary(checkpoint, data_file):
     assert summary["metrics"] == {"strict_accuracy": 0.0, "lenient_accuracy": 0.0, "format_accuracy": 0.0, "composite": 0.0,
                                   "mean_reasoning_chars": 0.0, "length_cap_share": 1.0, "n": 2}
     assert summary["warnings"] == ["100% of the answers hit the cap of 5 new tokens (more than 5%): their accuracy "
-                                   "is a floor; raise --max-new-tokens"]
+                                   "is a floor; raise the cap (sftkey eval --max-new-tokens, pipeline "
+                                   "benchmark.max_new_tokens)"]
     assert (summary["model"]["source"], summary["model"]["path"]) == ("folder", str(checkpoint))
     assert len(summary["model"]["weights_sha256"]) == 64
     # a base model (no sftkey.json): its training data is unknown, nothing is left out
@@ -279,7 +280,7 @@ def test_eval_command_prints_the_figures(checkpoint, data_file, tmp_path, capsys
         "run-a (seed 0) on gsm8k-test: 3 of 3 questions scored, 0 records excluded",
         "strict 0.000  lenient 0.000  format 0.000  composite 0.000  reasoning 0 chars  length cap 1.000 (cap 3 tokens)",
         "warning: 100% of the answers hit the cap of 3 new tokens (more than 5%): their accuracy is a floor; raise "
-        "--max-new-tokens",
+        "the cap (sftkey eval --max-new-tokens, pipeline benchmark.max_new_tokens)",
         f"wrote {out}",
     ]
     assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--data-path", str(data_file)]) == 2
