@@ -24,7 +24,6 @@ a 95% Wilson interval. The numbers are recorded in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -34,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sftkey.compare import ALPHA, compare_with_baseline, question_sign_test_p  # noqa: E402
+from sftkey.compare import ALPHA, compare_with_baseline, question_sign_test_p, wilson_interval  # noqa: E402
 
 BASELINE = "baseline"
 
@@ -93,14 +92,6 @@ def significant_share(world: World, experiments: int, seed: int, sign_test: bool
     return hits, experiments
 
 
-def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def rows(experiments: int) -> list[tuple[str, str, World, bool]]:
     """(what, rate name, world, sign test) of every row of the table."""
     null = World()
@@ -132,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for i, (what, rate, world, sign_test) in enumerate(rows(args.experiments)):
         hits, n = significant_share(world, args.experiments, args.seed + 1000 * i, sign_test)
-        low, high = wilson(hits, n)
+        low, high = wilson_interval(hits, n)
         print(f"| {what} | {rate} | {hits / n:.3f} ({hits}/{n}) | [{low:.3f}, {high:.3f}] |", flush=True)
     print(f"{time.perf_counter() - started:.0f} s")
     return 0

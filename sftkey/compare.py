@@ -14,8 +14,8 @@ What a verdict rests on (the README's "What a verdict means" says it for users):
   on the per-cell differences, where the shared stage's seed effect cancels. Other arms are compared unpaired:
   each arm's seed part has its own variance (Welch).
 - Below `MIN_SEEDS` seeds the seed variance cannot be estimated: the test is the exact sign test over questions
-  (McNemar's test with one seed), the interval is over questions, and the verdict is about these trained models
-  only, not the training recipe.
+  (McNemar's test with one seed), the interval is over questions (Wilson's for an accuracy), and the verdict is
+  about these trained models only, not the training recipe.
 - Comparing several arms with one baseline: Holm's step-down correction of the p-values, so the chance of any
   false "significant" in the family stays at alpha. Exact McNemar tests per seed are kept as details.
 """
@@ -121,7 +121,8 @@ def unpaired_difference(arm: np.ndarray, baseline: np.ndarray) -> Estimate:
     differences beyond both arms' per-model noise. Below MIN_SEEDS seeds in either arm: questions only.
     """
     arm, baseline = np.asarray(arm, dtype=float), np.asarray(baseline, dtype=float)
-    _check_shape(arm), _check_shape(baseline)
+    _check_shape(arm)
+    _check_shape(baseline)
     n_questions = arm.shape[1]
     differences = arm.mean(axis=0) - baseline.mean(axis=0)  # (questions,)
     mean = float(arm.mean() - baseline.mean())
@@ -137,6 +138,28 @@ def _check_shape(cells: np.ndarray) -> tuple[int, int]:
     if n_questions < 2:
         raise ValueError(f"{n_questions} question(s): an interval over questions needs at least 2")
     return n_seeds, n_questions
+
+
+def accuracy_interval(cells: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """Interval of an accuracy, a (seeds, questions) table of 0/1: crossed random effects from MIN_SEEDS seeds on,
+    else Wilson's score interval over the questions (which, unlike a t interval, does not shrink to a point at an
+    accuracy of 0 or 1: 0 of 10 right is [0, 0.28], not [0, 0])."""
+    cells = np.asarray(cells, dtype=float)
+    n_seeds, n_questions = _check_shape(cells)
+    if n_seeds >= MIN_SEEDS:
+        return _clipped(crossed_estimate(cells).interval(level))
+    return wilson_interval(float(cells.mean()) * n_questions, n_questions, level)
+
+
+def wilson_interval(successes: float, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """Wilson's score interval of a proportion `successes / n`."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1 - (1 - level) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half) + 0.0, min(1.0, centre + half) + 0.0
 
 
 def holm_adjust(p_values: Sequence[float]) -> list[float]:
@@ -300,13 +323,13 @@ def summarize_arm(
     if format_ok is not None:
         _, _, formats = outcome_matrix(format_ok, arm)
         format_accuracy = float(formats.mean())
-        format_ci = _clipped(crossed_estimate(formats).interval())
+        format_ci = accuracy_interval(formats)
     return ArmSummary(
         arm=arm,
         seeds=seeds,
         n_questions=len(questions),
         accuracy=float(matrix.mean()),
-        ci=_clipped(crossed_estimate(matrix).interval()),
+        ci=accuracy_interval(matrix),
         seed_accuracies=tuple(float(row.mean()) for row in matrix),
         format_accuracy=format_accuracy,
         format_ci=format_ci,

@@ -271,9 +271,11 @@ def test_arm_summaries(arms):
 
 
 def test_accuracy_intervals_stay_inside_0_and_1():
-    all_right = {0: {f"q{i}": True for i in range(5)}}
-    summary = summarize_arms({"A": all_right})[0]
-    assert summary.ci == (1.0, 1.0)
+    all_wrong = {0: {f"q{i}": False for i in range(10)}}
+    # One seed: Wilson's score interval over the questions, which does not collapse at 0 right: [0, z^2 / (n + z^2)]
+    z = 1.959963984540054
+    assert summarize_arms({"A": all_wrong})[0].ci == pytest.approx((0.0, z * z / (10 + z * z)), rel=1e-12)
+    assert summarize_arms({"A": all_wrong})[0].ci[1] == pytest.approx(0.2775, abs=1e-4)
     mostly_wrong = {s: {f"q{i}": i == 0 for i in range(10)} for s in SEEDS}
     assert summarize_arms({"A": mostly_wrong})[0].ci[0] == 0.0
 
