@@ -69,6 +69,10 @@ def test_materialization_metadata_a_person_reads(smoke_run):
     folder = Path(smoke_run.result.comparison["folder"])
     assert sorted(p.name for p in folder.iterdir()) == ["accuracy.png", "answer_loss.png", "comparison.json",
                                                         "comparison.md"]
+    # SFTKey-Tag's benchmarked model descends from SFT-Tag's stage 1: their lineages meet, so they pair by seed.
+    records = smoke_run.result.comparison["records"]
+    base_keys, arm_keys = (set(records[f"{arm}|0"]["stage_keys"]) for arm in ("sft_tag", "sftkey_tag"))
+    assert len(base_keys) == 1 and len(arm_keys) == 2 and base_keys < arm_keys
 
 
 def test_mlflow_runs_one_per_materialization_under_the_pipeline_run(smoke_run):
