@@ -16,12 +16,14 @@ from pathlib import Path
 
 import dagster as dg
 
+from sftkey.errors import UserError
+
 GIT_IDENTITY = ["-c", "user.name=sftkey pipeline", "-c", "user.email=sftkey@localhost"]
 QUIET_DVC = {"DVC_NO_ANALYTICS": "1", "DVC_NO_UPDATER": "1"}  # both phone home; offline they cost seconds
 REMOTE_NAME = "storage"
 
 
-class DvcError(RuntimeError):
+class DvcError(UserError, RuntimeError):
     """A DVC or git command failed; the message has its command and output."""
 
 

@@ -14,12 +14,15 @@ from typing import Callable
 
 from orchestration.config import PipelineConfig, resources, run_config
 from orchestration.tracking import MlflowTracker
+from sftkey.errors import UserError
 
 CONSOLE_LOG_LEVEL = "WARNING"  # Dagster's per-event DEBUG lines drown the summary; `--verbose` shows them
 
 
-class PipelineFailed(RuntimeError):
+class PipelineFailed(UserError, RuntimeError):
     """A step of the graph failed; the message names the step and its error."""
+
+    exit_code = 1
 
 
 @dataclass

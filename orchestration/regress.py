@@ -18,12 +18,13 @@ from statistics import mean
 
 from orchestration.config import PipelineConfig
 from orchestration.pipeline import PipelineResult
+from sftkey.errors import UserError
 
 REGRESSION_METRICS = ("strict_accuracy", "format_accuracy", "composite")  # higher is better, all three
 DEFAULT_TOLERANCE = 0.0
 
 
-class BaselineError(ValueError):
+class BaselineError(UserError, ValueError):
     """A baseline file that cannot be used; the message names the file and the fix."""
 
 

@@ -22,6 +22,8 @@ import dagster as dg
 from filelock import FileLock
 from pydantic import PrivateAttr
 
+from sftkey.errors import UserError
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -33,7 +35,7 @@ PARTITION_TAG = "dagster.partition"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value; longer ones are logged as a JSON artifact instead
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     """The MLflow tracking store cannot be reached; raised before any training starts."""
 
 

@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from sftkey.errors import UserError
+
 # name -> (module, one-line help); the orchestration commands live outside the library (they need dagster/mlflow)
 COMMANDS = {
     "prepare": ("sftkey.commands.prepare", "annotate and tokenize a data set; print counts, exclusions, token shares"),
@@ -31,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module).add_arguments(command)
             command.set_defaults(_run=importlib.import_module(module).run)
     args = parser.parse_args(argv)
-    return args._run(args)
+    try:
+        return args._run(args)
+    except UserError as error:  # the one place user errors become a line: no traceback, nothing half-written
+        print(f"sftkey {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from sftkey.annotate import Annotated, AnnotationConfig, annotate, exclusion_cou
 from sftkey.atomic import write_text
 from sftkey.data import DataConfig, DataError, can_share_records, content_version, load_records, shared_uids
 from sftkey.data.overlap import describe, is_carved
+from sftkey.errors import UserError
 from sftkey.generate import STOP_LENGTH, Generation, GenerationConfig
 
 CHECKPOINT_META = "sftkey.json"  # written by the trainer next to the weights: arm, seed, stage, step, config
@@ -40,7 +41,7 @@ GENERIC_MAX_NEW_TOKENS = 512
 LENGTH_CAP_WARNING_SHARE = 0.05  # more answers cut by the cap than this: the summary warns
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad input to an evaluation; the message names the file or setting and the fix."""
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftkey.atomic import swap_folder, write_text
+from sftkey.errors import UserError
 from sftkey.paths import sftkey_home
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-class ModelResolveError(RuntimeError):
+class ModelResolveError(UserError, RuntimeError):
     """A model name could not be turned into a usable local folder; the message says what to do."""
 
 

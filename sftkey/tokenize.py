@@ -19,6 +19,7 @@ import bisect
 import os
 from dataclasses import dataclass
 
+from sftkey.errors import UserError
 from sftkey.format import Response
 from sftkey.roles import ANSWER, EOS, PROMPT, ROLE_NAMES, THINKING
 
@@ -27,7 +28,7 @@ SENTINEL_RESPONSE = "SftkeyResponse7"  # no whitespace or markup, so no template
 GAP_QUESTION = "What is 1 + 1?"  # any question shows the gap
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """The tokenizer cannot produce what role assignment needs."""
 
 

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sftkey.errors import UserError
 from sftkey.evaluate import OUTPUTS, SUMMARY
 
 CORRECT_FIELDS = {"strict": "strict_correct", "lenient": "lenient_correct"}
@@ -24,7 +25,7 @@ CORRECT_FIELDS = {"strict": "strict_correct", "lenient": "lenient_correct"}
 SAME_SETTINGS = ("dataset", "split", "data_version", "max_new_tokens", "temperature")
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """The runs cannot be compared; the message names the folders and the fix."""
 
 

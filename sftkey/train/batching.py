@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from sftkey.errors import UserError
 from sftkey.loss import IGNORE_INDEX, LossSpec, shifted_targets
 from sftkey.roles import PROMPT
 
@@ -64,7 +65,7 @@ class Sample:
         return sum(1 for w in self.weights if w > 0)
 
 
-class StageDataError(ValueError):
+class StageDataError(UserError, ValueError):
     """The stage's loss selects no token of the data."""
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from sftkey.annotate import AnnotationConfig
 from sftkey.data import DataConfig, DataError
+from sftkey.errors import UserError
 from sftkey.loss import NORMALIZERS, loss_spec
 
 FORMATS = ("tagged", "plain")
@@ -33,7 +34,7 @@ STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder nam
 BOOKKEEPING_KEYS = ("save_every", "keep_last", "log_every")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message names the file, line and key, and what to write instead."""
 
 

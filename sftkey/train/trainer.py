@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from sftkey.errors import UserError
 from sftkey.loss import LossParts, normalize
 from sftkey.models import ResolvedModel, identity_params, resolve_base_model
 from sftkey.roles import ROLE_NAMES
@@ -59,11 +60,13 @@ RUN_FILE = "run.json"
 LOGGED_ROLES = ("thinking", "answer", "eos")  # prompt targets never carry loss
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training stopped (a non-finite loss or gradient); the message names the step, the batch and the last checkpoint."""
 
+    exit_code = 1
 
-class RunStateError(RuntimeError):
+
+class RunStateError(UserError, RuntimeError):
     """The run folder does not fit the request: a finished run without --resume, or a checkpoint from another config or data."""
 
 
