@@ -50,7 +50,8 @@ def load(model_dir: str, random_weights: bool, device: str, attn: str):
         config = AutoConfig.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn,
+                                                     use_safetensors=True)
     return model.to(device).train(), tokenizer
 
 

@@ -114,7 +114,7 @@ def run(config: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="sftkey-lmeval-") as work:
         tasks = [task_config(task, config, Path(work)) for task in config.tasks]
         model = HFLM(pretrained=str(folder), dtype=config.dtype, batch_size=config.batch_size,
-                     device=resolve_device(config.device))
+                     device=resolve_device(config.device), use_safetensors=True)  # passed to from_pretrained
         return simple_evaluate(
             model=model,
             tasks=tasks,

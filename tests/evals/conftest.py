@@ -38,7 +38,7 @@ def train_memorised(folder: Path, out: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
     items = [(str(i), q, render(r, a, fmt == "tagged")) for i, (q, r, a, fmt, _) in enumerate(MEMORISED)]
     examples = tokenize_examples(tokenizer, items)
     spec = loss_spec("sft")

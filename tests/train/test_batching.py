@@ -105,7 +105,7 @@ def test_attention_trusted_to_separate_every_row_does(attn_implementation, tiny_
     from transformers import AutoModelForCausalLM
 
     assert not packs_into_one_row(attn_implementation)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, use_safetensors=True,
                                                  attn_implementation=attn_implementation)
     samples = lengths_samples([5, 3, 7, 2, 6])
     batch = micro_batch(samples, range(5), pad_id=0, packing=True, pack_length=10,

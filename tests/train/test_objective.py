@@ -31,7 +31,7 @@ def load(folder):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
 
 
 @pytest.mark.parametrize("arm", list(ARMS))
@@ -179,7 +179,7 @@ def scaled_llama(folder):
             out.logits = out.logits * 3.0
             return out
 
-    return ScaledLlama.from_pretrained(folder, dtype=torch.float32)
+    return ScaledLlama.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
 
 
 def test_a_model_that_transforms_its_logits_in_an_unknown_way_is_refused_sparse_and_accepted_dense(
@@ -198,7 +198,8 @@ def test_a_model_that_transforms_its_logits_in_an_unknown_way_is_refused_sparse_
 def test_the_probe_runs_without_dropout_and_restores_training_mode(packed_batch, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attention_dropout=0.5)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attention_dropout=0.5,
+                                                 use_safetensors=True)
     model.train()
     model.model.layers[0].eval()  # a module someone froze in eval mode stays so
     loss_model = LossModel(model)
