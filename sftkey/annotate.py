@@ -44,6 +44,32 @@ class AnnotationConfig:
         metadata={"help": "jsonl without an answer field: group 1 is the answer; the text before the match is the reasoning"},
     )
 
+    def __post_init__(self):
+        problem = regex_problem(self.answer_regex)
+        if problem:
+            raise DataError(f"answer_regex {self.answer_regex!r}: {problem}")
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why `pattern` cannot be an answer regex (None: it can): it must compile and have a group 1."""
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as e:
+        return f"not a valid regular expression ({e}); fix the pattern, e.g. '####\\s*(\\S+)'"
+    if groups < 1:
+        return "has no group 1 to capture the answer; put the answer in parentheses, e.g. '####\\s*(\\S+)'"
+    return None
+
+
+def annotation_config(strip_calculator: bool = True, answer_regex: str | None = None) -> AnnotationConfig:
+    """The config of the `--answer-regex` flag (None: the default rule); a bad pattern names the flag."""
+    if answer_regex is None:
+        return AnnotationConfig(strip_calculator=strip_calculator)
+    problem = regex_problem(answer_regex)
+    if problem:
+        raise DataError(f"--answer-regex {answer_regex!r}: {problem}")
+    return AnnotationConfig(strip_calculator=strip_calculator, answer_regex=answer_regex)
+
 
 def split_gsm8k(solution: str, config: AnnotationConfig) -> tuple[str, str]:
     if "####" not in solution:

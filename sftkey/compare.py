@@ -32,6 +32,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sftkey.atomic import write_text
+from sftkey.errors import UserError
+
+
+class CompareError(UserError, ValueError):
+    """Outcomes that cannot be compared (no seeds, questions or seeds that differ); the message says which."""
+
 
 Outcomes = Mapping[str, Mapping[int, Mapping[str, bool]]]  # arm -> seed -> question id -> correct
 
@@ -136,7 +142,7 @@ def unpaired_difference(arm: np.ndarray, baseline: np.ndarray) -> Estimate:
 def _check_shape(cells: np.ndarray) -> tuple[int, int]:
     n_seeds, n_questions = cells.shape
     if n_questions < 2:
-        raise ValueError(f"{n_questions} question(s): an interval over questions needs at least 2")
+        raise CompareError(f"{n_questions} question(s): an interval over questions needs at least 2")
     return n_seeds, n_questions
 
 
@@ -262,15 +268,15 @@ def outcome_matrix(per_seed: Mapping[int, Mapping[str, bool]], arm: str = "arm")
 ]:
     """(seeds, question ids, matrix): the matrix is (n_seeds, n_questions) bool, both axes sorted."""
     if not per_seed:
-        raise ValueError(f"arm {arm!r}: no seeds; give at least one seed's outcomes")
+        raise CompareError(f"arm {arm!r}: no seeds; give at least one seed's outcomes")
     seeds = tuple(sorted(per_seed))
     questions = tuple(sorted(per_seed[seeds[0]]))
     if not questions:
-        raise ValueError(f"arm {arm!r} seed {seeds[0]}: no questions")
+        raise CompareError(f"arm {arm!r} seed {seeds[0]}: no questions")
     for seed in seeds[1:]:
         if set(per_seed[seed]) != set(questions):
             odd = sorted(set(per_seed[seed]) ^ set(questions))
-            raise ValueError(
+            raise CompareError(
                 f"arm {arm!r} seed {seed}: {len(odd)} question ids differ from seed {seeds[0]} "
                 f"(e.g. {odd[0]!r}); every seed must score the same questions"
             )
@@ -288,7 +294,7 @@ def mcnemar_exact_p(arm_only: int, baseline_only: int) -> float:
     as unlikely as the observed one. No discordant pairs gives p = 1.
     """
     if arm_only < 0 or baseline_only < 0:
-        raise ValueError(f"discordant counts must be >= 0, got {arm_only} and {baseline_only}")
+        raise CompareError(f"discordant counts must be >= 0, got {arm_only} and {baseline_only}")
     n = arm_only + baseline_only
     tail = sum(math.comb(n, k) for k in range(min(arm_only, baseline_only) + 1))
     return float(min(Fraction(1), Fraction(2 * tail, 2**n)))  # exact until the final rounding
@@ -352,10 +358,10 @@ def compare_arms(correct: Outcomes, arm: str, baseline: str, alpha: float = ALPH
     base_seeds, base_questions, base_matrix = outcome_matrix(_arm(correct, baseline), baseline)
     if arm_questions != base_questions:
         odd = sorted(set(arm_questions) ^ set(base_questions))
-        raise ValueError(f"arms {arm!r} and {baseline!r} score different questions ({len(odd)} differ, e.g. "
+        raise CompareError(f"arms {arm!r} and {baseline!r} score different questions ({len(odd)} differ, e.g. "
                          f"{odd[0]!r}); compare runs on the same test set")
     if paired and arm_seeds != base_seeds:
-        raise ValueError(f"arms {arm!r} and {baseline!r} are paired by seed but have different seeds "
+        raise CompareError(f"arms {arm!r} and {baseline!r} are paired by seed but have different seeds "
                          f"{arm_seeds} and {base_seeds}")
     n_seeds = min(len(arm_seeds), len(base_seeds))
     if n_seeds < MIN_SEEDS:
@@ -423,7 +429,7 @@ def _replace(comparison: Comparison, **changes) -> Comparison:
 
 def _arm(correct: Outcomes, arm: str) -> Mapping[int, Mapping[str, bool]]:
     if arm not in correct:
-        raise ValueError(f"unknown arm {arm!r}; the outcomes hold {sorted(correct)}")
+        raise CompareError(f"unknown arm {arm!r}; the outcomes hold {sorted(correct)}")
     return correct[arm]
 
 
@@ -521,7 +527,7 @@ def plot_loss_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: 
     figure, axes = _figure()
     for arm, points in curves.items():
         if not points:
-            raise ValueError(f"loss curve of arm {arm!r} is empty")
+            raise CompareError(f"loss curve of arm {arm!r} is empty")
         steps, losses = zip(*points)
         axes.plot(steps, losses, label=arm)
     if all(loss > 0 for points in curves.values() for _, loss in points):

@@ -152,6 +152,7 @@ def check_checkpoint(name: str) -> Path:
     """The local folder of `name` with weights, config and tokenizer, or an error saying what is missing."""
     from sftkey.models import ModelResolveError, resolve_model
 
+    refuse_uncommitted(Path(name))
     try:
         folder = resolve_model(name)
     except ModelResolveError as e:
@@ -162,6 +163,26 @@ def check_checkpoint(name: str) -> Path:
             "into the folder with the weights (tokenizer.save_pretrained(folder))"
         )
     return folder
+
+
+def refuse_uncommitted(folder: Path) -> None:
+    """Refuse a checkpoint the trainer did not finish: its temp folder (`.<name>.tmp`) or a folder of a run's
+    `checkpoints/` without the sftkey.json it writes last. The message names the newest complete one beside it."""
+    from sftkey.train.checkpoint import META_FILE, latest
+
+    if folder.name.endswith(".tmp"):
+        why = "is a checkpoint still being written, or left by a crash (its name ends with .tmp)"
+    elif folder.parent.name == "checkpoints" and folder.is_dir() and not (folder / META_FILE).is_file():
+        why = f"is an unfinished checkpoint (no {META_FILE}, which the trainer writes last)"
+    else:
+        return
+    try:
+        found = latest(folder.parent)
+    except (KeyError, TypeError):  # a sftkey.json without the trainer's fields: name none rather than guess
+        found = None
+    fix = f"use the last complete checkpoint beside it, {found[0]}" if found else \
+        "no complete checkpoint is beside it: resume the training run (sftkey train --resume)"
+    raise EvalError(f"checkpoint {str(folder)!r} {why}; {fix}")
 
 
 def gold_records(config: DataConfig, annotation: AnnotationConfig | None = None) -> tuple[list[Annotated], dict]:
@@ -273,7 +294,6 @@ def evaluate(config: EvalConfig) -> dict:
     generation = dataclasses.replace(
         config.generation, max_new_tokens=config.generation.max_new_tokens or default_max_new_tokens(config.data.dataset))
     out = Path(config.out) if config.out else default_out(folder, config.data)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {
         "arm": info.arm,
         "seed": info.seed,
@@ -302,14 +322,16 @@ def evaluate(config: EvalConfig) -> dict:
     rows = [r for r in read_outputs(out / OUTPUTS) if r["uid"] in asked]
     done = {r["uid"] for r in rows}
     todo = [q for q in questions if q.uid not in done]
-    write_summary(out, settings, rows, len(questions), started)
     if todo:
         from sftkey.generate import generate_batches
         from sftkey.models import load_model, load_tokenizer
         from sftkey.tokenize import format_prompt
 
+        # The model loads before anything is written: a checkpoint that does not load leaves no output folder.
         tokenizer = load_tokenizer(folder)
         model = load_model(folder, dtype=config.dtype).to(resolve_device(config.device)).eval()
+        out.mkdir(parents=True, exist_ok=True)
+        write_summary(out, settings, rows, len(questions), started)
         gold = {q.uid: q.answer for q in todo}
         prompts = [(q.uid, format_prompt(tokenizer, q.question)) for q in todo]
         with open(out / OUTPUTS, "a", encoding="utf-8") as f:

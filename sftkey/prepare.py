@@ -16,10 +16,14 @@ from pathlib import Path
 
 from sftkey.atomic import swap_folder
 from sftkey.annotate import Annotated, AnnotationConfig, Exclusion, annotate, exclusion_counts
-from sftkey.data import DataConfig, content_version, load_records
+from sftkey.data import DataConfig, DataError, content_version, load_records
 from sftkey.format import render
 from sftkey.roles import ROLE_NAMES
 from sftkey.tokenize import TokenizedExample, template_gap, tokenize_examples
+
+# A text longer than max_length * this many characters cannot fit max_length tokens (tokens of real vocabularies
+# are far shorter), so it is excluded as too long without tokenizing: a 10 MB record would cost gigabytes.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass
@@ -43,14 +47,21 @@ class Prepared:
 def prepare(config: PrepareConfig, tokenizer) -> Prepared:
     records, source = load_records(config.data)
     annotated, exclusions = annotate(config.data.dataset, records, config.annotation)
-    items = [(a.uid, a.question, render(a.reasoning, a.answer, config.tagged)) for a in annotated]
-    examples = tokenize_examples(tokenizer, items)
     origin = {r.uid: r.origin for r in records}
+    too_long = f"longer than max_length {config.max_length} tokens"
+    items, tokenizable = [], []
+    for record in annotated:
+        response = render(record.reasoning, record.answer, config.tagged)
+        if len(record.question) + len(response.text) > config.max_length * MAX_CHARS_PER_TOKEN:
+            exclusions.append(Exclusion(record.uid, origin[record.uid], too_long))  # never tokenized: see the constant
+        else:
+            items.append((record.uid, record.question, response))
+            tokenizable.append(record)
+    examples = tokenize_examples(tokenizer, items)
     kept_examples, kept_records = [], []
-    for example, record in zip(examples, annotated):
+    for example, record in zip(examples, tokenizable):
         if len(example.input_ids) > config.max_length:
-            reason = f"longer than max_length {config.max_length} tokens"
-            exclusions.append(Exclusion(record.uid, origin[record.uid], reason))
+            exclusions.append(Exclusion(record.uid, origin[record.uid], too_long))
         else:
             kept_examples.append(example)
             kept_records.append(record)
@@ -106,21 +117,36 @@ def write_prepared(prepared: Prepared, out: Path) -> Path:
     return out
 
 
+PREPARED_FILES = ("examples.jsonl", "records.jsonl", "exclusions.jsonl", "meta.json")
+
+
 def read_prepared(folder: Path) -> Prepared:
+    """A folder written by `write_prepared`; anything else is a DataError naming the folder or file."""
     folder = Path(folder)
-    if not (folder / "meta.json").exists():
-        raise FileNotFoundError(f"{folder} is not a prepared data set (no meta.json); run `sftkey prepare --out {folder}`")
+    missing = [name for name in PREPARED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder} is not a prepared data set (no {', '.join(missing)}); "
+                        f"write one with `sftkey prepare --out {folder}`")
 
-    def rows(name):
+    def rows(name, cls):
         with open(folder / name, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+            return [_row(cls, line, folder / name, number) for number, line in enumerate(f, start=1)]
 
-    return Prepared(
-        [TokenizedExample(**r) for r in rows("examples.jsonl")],
-        [Annotated(**r) for r in rows("records.jsonl")],
-        [Exclusion(**r) for r in rows("exclusions.jsonl")],
-        json.loads((folder / "meta.json").read_text()),
-    )
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        return Prepared(rows("examples.jsonl", TokenizedExample), rows("records.jsonl", Annotated),
+                        rows("exclusions.jsonl", Exclusion), meta)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{folder}: a file of the prepared set is damaged ({e}); "
+                        f"write it again with `sftkey prepare --out {folder}`") from None
+
+
+def _row(cls, line: str, path: Path, number: int):
+    try:
+        return cls(**json.loads(line))
+    except TypeError:  # a row with other fields: another program's file, or a damaged one
+        raise DataError(f"{path} line {number}: not a {cls.__name__} row; "
+                        "write the set again with `sftkey prepare`") from None
 
 
 def summary_lines(meta: dict) -> list[str]:

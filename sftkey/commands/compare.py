@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftkey.errors import UserError
+from sftkey.compare import CompareError
 from sftkey.evaluate import OUTPUTS, SUMMARY
 
 CORRECT_FIELDS = {"strict": "strict_correct", "lenient": "lenient_correct"}
 # Runs compared must agree on these: the same questions (data set, split, content version), generated alike.
 SAME_SETTINGS = ("dataset", "split", "data_version", "max_new_tokens", "temperature")
-
-
-class CompareError(UserError, ValueError):
-    """The runs cannot be compared; the message names the folders and the fix."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,20 +122,16 @@ def load_outcomes(runs: list[Path], field: str) -> Loaded:
 def run(args: argparse.Namespace) -> int:
     from sftkey import compare
 
-    try:
-        if args.alpha is not None and not 0 < args.alpha < 1:
-            raise CompareError(f"--alpha {args.alpha}: give a level in (0, 1), e.g. 0.05")
-        runs = find_runs(args.runs)
-        loaded = load_outcomes(runs, CORRECT_FIELDS[args.metric])
-        baseline = args.baseline or next(iter(loaded.correct))
-        if baseline not in loaded.correct:
-            raise CompareError(f"--baseline {baseline!r} is not among the arms {sorted(loaded.correct)}")
-        summaries = compare.summarize_arms(loaded.correct, loaded.format_ok)
-        paired = compare.arms_sharing_a_stage(loaded.correct, loaded.stage_keys, baseline)
-        comparisons = compare.compare_with_baseline(loaded.correct, baseline, paired, args.alpha or compare.ALPHA)
-    except ValueError as e:  # CompareError and sftkey.compare's checks (seeds or questions that differ)
-        print(f"sftkey compare: error: {e}", file=sys.stderr)
-        return 2
+    if args.alpha is not None and not 0 < args.alpha < 1:
+        raise CompareError(f"--alpha {args.alpha}: give a level in (0, 1), e.g. 0.05")
+    runs = find_runs(args.runs)
+    loaded = load_outcomes(runs, CORRECT_FIELDS[args.metric])
+    baseline = args.baseline or next(iter(loaded.correct))
+    if baseline not in loaded.correct:
+        raise CompareError(f"--baseline {baseline!r} is not among the arms {sorted(loaded.correct)}")
+    summaries = compare.summarize_arms(loaded.correct, loaded.format_ok)
+    paired = compare.arms_sharing_a_stage(loaded.correct, loaded.stage_keys, baseline)
+    comparisons = compare.compare_with_baseline(loaded.correct, baseline, paired, args.alpha or compare.ALPHA)
     out = Path(args.out)
     print(compare.to_markdown(summaries, comparisons), end="")
     for warning in loaded.warnings:

@@ -7,7 +7,7 @@ rerunning the same command resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 
 from sftkey.commands.prepare import add_data_arguments, data_config
 from sftkey.generate import GenerationConfig
@@ -36,34 +36,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sftkey.annotate import AnnotationConfig
+    from sftkey.annotate import annotation_config
     from sftkey.evaluate import EvalConfig, evaluate
 
-    annotation = AnnotationConfig()
-    if args.answer_regex:
-        annotation.answer_regex = args.answer_regex
-    try:
-        config = EvalConfig(
-            checkpoint=args.checkpoint,
-            data=data_config(args),
-            annotation=annotation,
-            generation=GenerationConfig(
-                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
-                seed=args.sampling_seed, progress=not args.no_progress,
-            ),
-            out=args.out,
-            tagged=None if args.format is None else args.format == "tagged",
-            device=args.device,
-            dtype=args.dtype,
-            exclude_training_questions=args.exclude_training_questions,
-        )
-        summary = evaluate(config)
-    except ValueError as e:  # DataError, EvalError and bad settings: their messages say what to fix
-        print(f"sftkey eval: error: {e}", file=sys.stderr)
-        return 2
+    check_generation_flags(args)
+    config = EvalConfig(
+        checkpoint=args.checkpoint,
+        data=data_config(args),
+        annotation=annotation_config(answer_regex=args.answer_regex),
+        generation=GenerationConfig(
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
+            seed=args.sampling_seed, progress=not args.no_progress,
+        ),
+        out=args.out,
+        tagged=None if args.format is None else args.format == "tagged",
+        device=args.device,
+        dtype=args.dtype,
+        exclude_training_questions=args.exclude_training_questions,
+    )
+    summary = evaluate(config)
     for line in summary_lines(summary):
         print(line)
     return 0
+
+
+def check_generation_flags(args: argparse.Namespace) -> None:
+    """The generation flags, checked here so the message names the flag (GenerationConfig's would not)."""
+    from sftkey.evaluate import EvalError
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise EvalError(f"--max-new-tokens {args.max_new_tokens}: give at least 1 (or leave it out: the data set's cap)")
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size {args.batch_size}: give at least 1 question per batch")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise EvalError(f"--temperature {args.temperature}: give a finite number >= 0 (0: greedy)")
 
 
 def _value(metric: float | None) -> str:

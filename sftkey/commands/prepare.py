@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from sftkey.data import DataConfig, DataError
@@ -41,20 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sftkey.annotate import AnnotationConfig
+    from sftkey.annotate import annotation_config
     from sftkey.models import load_tokenizer
     from sftkey.prepare import PrepareConfig, prepare, summary_lines, write_prepared
 
     start = time.perf_counter()
-    annotation = AnnotationConfig(strip_calculator=not args.keep_calculator)
-    if args.answer_regex:
-        annotation.answer_regex = args.answer_regex
-    try:
-        config = PrepareConfig(data_config(args), annotation, args.format == "tagged", args.max_length)
-        prepared = prepare(config, load_tokenizer(args.model))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    annotation = annotation_config(not args.keep_calculator, args.answer_regex)
+    if args.max_length < 1:
+        raise DataError(f"--max-length {args.max_length}: give a positive number of tokens, e.g. 1024")
+    config = PrepareConfig(data_config(args), annotation, args.format == "tagged", args.max_length)
+    prepared = prepare(config, load_tokenizer(args.model))
     out = write_prepared(prepared, args.out)
     for line in summary_lines(prepared.meta):
         print(line)

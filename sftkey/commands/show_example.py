@@ -35,6 +35,7 @@ def render_tokens(pieces: list[str], roles: list[int], color: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sftkey.data import DataError
     from sftkey.models import load_tokenizer
     from sftkey.prepare import read_prepared
 
@@ -43,14 +44,14 @@ def run(args: argparse.Namespace) -> int:
     if args.uid is not None:
         matches = [e for e in examples if e.uid == args.uid]
         if not matches:
-            print(f"error: no example with uid {args.uid!r} in {args.prepared}", file=sys.stderr)
-            return 2
+            raise DataError(f"--uid {args.uid!r}: no example with that uid in {args.prepared} "
+                            "(its uids are in examples.jsonl)")
         example = matches[0]
     elif 0 <= args.index < len(examples):
         example = examples[args.index]
     else:
-        print(f"error: --index {args.index} out of range: {args.prepared} has {len(examples)} examples", file=sys.stderr)
-        return 2
+        valid = f"give 0 to {len(examples) - 1}" if examples else "every record was excluded; see exclusions.jsonl"
+        raise DataError(f"--index {args.index} out of range: {args.prepared} has {len(examples)} examples ({valid})")
     tokenizer = load_tokenizer(args.model or prepared.meta["tokenizer"])
     pieces = [tokenizer.decode([i]) for i in example.input_ids]
     color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ

@@ -15,6 +15,11 @@ class DataError(UserError, ValueError):
     """Bad input data; the message names the file, the line and the fix."""
 
 
+# A jsonl line longer than this is an error, not a record: prepare excludes over-long records by their length
+# (sftkey.prepare.MAX_CHARS_PER_TOKEN) without tokenizing them, but the reader still has to hold the line.
+MAX_LINE_BYTES = 64 * 2**20
+
+
 @dataclass(frozen=True)
 class Record:
     """One question with its worked solution, identical whichever source it came from.
@@ -48,7 +53,12 @@ def content_version(records: list[Record]) -> str:
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; errors name the line."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        number = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES:  # not a record; refuse before parsing (or holding) more of it
+                raise DataError(f"{path} line {number}: longer than {MAX_LINE_BYTES // 2**20} MiB, far beyond any "
+                                "record; remove or split that line")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -82,11 +92,17 @@ def read_json_list(path: Path) -> list[dict]:
     return items
 
 
-def require(obj: dict, field: str, origin: str) -> str:
-    """A string field of a raw row, or an error naming the row and the fields it has."""
+def require(obj: dict, field: str, origin: str, numbers: bool = True) -> str:
+    """A text field of a raw row, or an error naming the row and the field.
+
+    `numbers`: a JSON number is accepted as its text (answers such as 42); an object, a list or true/false never.
+    """
     if field not in obj:
         raise DataError(f"{origin}: missing field {field!r} (fields present: {sorted(obj)})")
     value = obj[field]
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else str(value)
+    if value is None or isinstance(value, str):
+        return value or ""
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    kind = {dict: "a JSON object", list: "a JSON list", bool: "true/false"}.get(type(value), "a number")
+    raise DataError(f"{origin}: field {field!r} is {kind}, expected text; write it as a JSON string")

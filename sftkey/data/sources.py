@@ -63,7 +63,8 @@ def math500_row(row: dict, uid: str, origin: str, config: DataConfig) -> Record:
 
 def jsonl_row(row: dict, uid: str, origin: str, config: DataConfig) -> Record:
     answer = require(row, config.answer_field, origin) if config.answer_field else None
-    return Record(uid, require(row, config.question_field, origin), require(row, config.solution_field, origin), answer, origin)
+    question = require(row, config.question_field, origin, numbers=False)
+    return Record(uid, question, require(row, config.solution_field, origin, numbers=False), answer, origin)
 
 
 def format_number(value: str, origin: str) -> str:
@@ -189,6 +190,9 @@ def load_records(config: DataConfig) -> tuple[list[Record], str]:
     else:
         raise DataError(f"{config.dataset}: unknown split {config.split!r}; choose one of {native + ['train', 'test']}")
     rows, source = native_rows(config, native_split)
+    if not rows:
+        raise DataError(f"{source}: no records (the file is empty or holds only blank lines); "
+                        "pass a file with one JSON record per line")
     prefix = f"{config.dataset}-{native_split}"
     records = [spec.convert(row, f"{prefix}-{i:05d}", origin, config) for i, (row, origin) in enumerate(rows)]
     if spec.sort_by_uid:
@@ -199,6 +203,9 @@ def load_records(config: DataConfig) -> tuple[list[Record], str]:
     if carve:
         threshold = config.test_fraction * 2**64
         records = [r for r in records if (stable_key(config.seed, "split:" + r.uid) < threshold) == (carve == "test")]
+    if not records:
+        raise DataError(f"{source}: the {carve} half carved with seed {config.seed} and test_fraction "
+                        f"{config.test_fraction} holds no records; use more records or another test_fraction")
     if config.limit is not None and config.limit < len(records):
         keep = set(sorted((r.uid for r in records), key=lambda uid: stable_key(config.seed, uid))[: config.limit])
         records = [r for r in records if r.uid in keep]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 
@@ -24,36 +26,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sftkey.data import DataError
     from sftkey.train.config import ConfigError, load_config
 
-    try:
-        config = load_config(args.config, args.overrides)
-        arms = args.arm or list(config.arms)
-        seeds = args.seed if args.seed is not None else config.seeds
-        for arm in arms:
-            if arm not in config.arms:
-                raise ConfigError(f"--arm {arm}: no such arm in {args.config}; arms: {', '.join(config.arms)}")
-    except (ConfigError, DataError) as e:
-        print(f"sftkey train: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)  # a ConfigError is printed by the CLI as one line
+    arms = args.arm or list(config.arms)
+    seeds = args.seed if args.seed is not None else config.seeds
+    for arm in arms:
+        if arm not in config.arms:
+            raise ConfigError(f"--arm {arm}: no such arm in {args.config}; arms: {', '.join(config.arms)}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # only effective before torch starts its thread pool
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers.utils import logging as hf_logging
 
-    from sftkey.train.trainer import RunStateError, TrainingError, train_arm
+    from sftkey.train.trainer import Terminated, train_arm
 
     hf_logging.disable_progress_bar()  # our own bar shows the steps; weight loading needs none
-    for arm in arms:
-        for seed in seeds:
-            started = time.perf_counter()
-            try:
-                final = train_arm(config, arm, seed, resume=args.resume, progress=True)
-            except (ConfigError, DataError, RunStateError) as e:
-                print(f"sftkey train: {e}", file=sys.stderr)
-                return 2
-            except TrainingError as e:
-                print(f"sftkey train: {e}", file=sys.stderr)
-                return 1
-            print(f"{arm} seed {seed}: {final} ({time.perf_counter() - started:.1f} s)", flush=True)
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        for arm in arms:
+            for seed in seeds:
+                started = time.perf_counter()
+                try:  # user errors (bad data, a locked run folder, a NaN loss) reach the CLI's one line
+                    final = train_arm(config, arm, seed, resume=args.resume, progress=True)
+                except (KeyboardInterrupt, Terminated) as e:  # run.json already says interrupted / killed
+                    how = "interrupted" if isinstance(e, KeyboardInterrupt) else "killed by SIGTERM"
+                    print(f"sftkey train: {arm} seed {seed}: {how}; rerun with --resume to continue from its newest "
+                          "checkpoint", file=sys.stderr)
+                    return 130 if isinstance(e, KeyboardInterrupt) else e.code
+                print(f"{arm} seed {seed}: {final} ({time.perf_counter() - started:.1f} s)", flush=True)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _raise_terminated(signum, frame) -> None:
+    """SIGTERM becomes an exception in the main thread: the trainer's `finally` writes run.json before exit."""
+    from sftkey.train.trainer import Terminated
+
+    raise Terminated(signum)

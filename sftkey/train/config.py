@@ -30,6 +30,9 @@ FORMATS = ("tagged", "plain")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder name
+# Bounds on a stage's length: far beyond any real fine-tuning run, but finite, so a typo (`epochs: 1e30`) fails at load.
+MAX_EPOCHS = 1000
+MAX_STEPS = 10_000_000
 # Keys that change what is written or how often, never the weights: a resume may change them.
 BOOKKEEPING_KEYS = ("save_every", "keep_last", "log_every")
 
@@ -298,11 +301,22 @@ def apply_override(raw: dict, keys: list, value: Any) -> None:
 # --------------------------------------------------------------------------- loading and checking
 
 
+def decode_utf8(data: bytes, path: Path) -> str:
+    """`data` as text, or an error naming the line and byte of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path} line {line}: byte {column} (0x{data[e.start]:02x}, offset {e.start}) is not "
+                          "UTF-8; re-save the file as UTF-8") from None
+
+
 def read_yaml(path: Path, what: str) -> tuple[dict, Any]:
     """(values, node tree) of a YAML mapping; the nodes give line numbers for later errors."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such {what}")
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(path.read_bytes(), path)
     try:
         raw = yaml.safe_load(text) or {}
         root = yaml.compose(text)
@@ -340,6 +354,7 @@ def validate(config: TrainConfig) -> None:
     src, train = config._source, config.train
     if not config.model:
         raise _fail(src, ("model",), "empty; use default, tiny, a folder or a hub id")
+    _committed_model(src, config.model)
     if config.model_fallback is not None and not config.model_fallback.strip():
         raise _fail(src, ("model_fallback",), "empty; use default, tiny, a folder or a hub id, or null for no fallback")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
@@ -403,8 +418,14 @@ def _validate_arm(config: TrainConfig, arm_name: str, arm: ArmConfig) -> None:
             raise _fail(src, at, f"give exactly one of epochs or steps (got epochs={stage.epochs}, steps={stage.steps})")
         if stage.epochs is not None and not (stage.epochs > 0 and math.isfinite(stage.epochs)):
             raise _fail(src, at + ("epochs",), f"stage has no steps: epochs must be > 0, got {stage.epochs}")
+        if stage.epochs is not None and stage.epochs > MAX_EPOCHS:
+            raise _fail(src, at + ("epochs",), f"{stage.epochs} passes would run practically forever; give at most "
+                        f"{MAX_EPOCHS} epochs (or steps: N, at most {MAX_STEPS:,})")
         if stage.steps is not None and stage.steps < 1:
             raise _fail(src, at + ("steps",), f"stage has no steps: steps must be >= 1, got {stage.steps}")
+        if stage.steps is not None and stage.steps > MAX_STEPS:
+            raise _fail(src, at + ("steps",), f"{stage.steps} steps would run practically forever; give at most "
+                        f"{MAX_STEPS:,}")
         if stage.lr is not None:
             _learning_rate(src, at + ("lr",), stage.lr)
         if stage.schedule is not None:
@@ -418,6 +439,16 @@ def stage_loss(stage: StageConfig):
     if stage.loss == "custom" and "weights" not in args:
         raise ValueError("loss custom needs loss_args.weights, e.g. {weights: {answer: 1.0, eos: 1.0}}")
     return loss_spec(stage.loss, **args)
+
+
+def _committed_model(src, model: str) -> None:
+    """A model given as a trainer checkpoint must be a complete one (not a `.tmp` folder left by a crash)."""
+    from sftkey.evaluate import EvalError, refuse_uncommitted
+
+    try:
+        refuse_uncommitted(Path(model).expanduser())
+    except EvalError as e:
+        raise _fail(src, ("model",), str(e)) from None
 
 
 def _positive_int(src, keys, value) -> None:
@@ -472,11 +503,14 @@ def stage_key(config: TrainConfig, arm: str, seed: int, stage_index: int, data_v
               base_weights_sha256: str) -> str:
     """Identity of a stage's result: equal keys give equal weights, so a finished stage can be reused by another arm.
 
-    It is the stage's view (see stage_view), the data version and the hash of the base model's weights actually
-    used (sftkey.models.weights_identity): a hub id and its offline fallback never share a checkpoint.
+    It is the stage's view (see stage_view), the data version, the hash of the base model's weights actually
+    used (sftkey.models.weights_identity): a hub id and its offline fallback never share a checkpoint, and the
+    code version (sftkey.version): a checkpoint trained by other code is trained again.
     """
+    from sftkey import version  # module attribute, so a test can stand in another code version
+
     identity = {"stage": stage_view(training_view(config, arm, seed), stage_index), "data_version": data_version,
-                "base_weights_sha256": base_weights_sha256}
+                "base_weights_sha256": base_weights_sha256, "code_version": version.code_version()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

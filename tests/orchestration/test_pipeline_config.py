@@ -116,20 +116,17 @@ def test_missing_file_says_where_the_format_is(tmp_path):
 
 
 def test_commands_report_a_bad_config_and_exit_2(tmp_path, capsys):
-    import argparse
-
-    from orchestration.commands import pipeline, regress, ui
+    from sftkey.cli import main
 
     path = write(tmp_path, SMOKE_CONFIG.read_text().replace("name: smoke", "name: smoke\nnmae: typo"))
-    assert pipeline.run(argparse.Namespace(config=str(path), work_dir=None, verbose=False)) == 2
-    assert ui.run(argparse.Namespace(config=str(path), work_dir=None, dagster_port=3000, mlflow_port=5000)) == 2
-    assert regress.run(argparse.Namespace(config=str(path), baseline="none.json", work_dir=None, no_champion=False,
-                                          write_baseline=None)) == 2
+    for command in ("pipeline", "ui", "regress"):
+        assert main([command, "--config", str(path)]) == 2
     errors = capsys.readouterr().err.splitlines()
-    assert errors[0] == f"sftkey pipeline: {path} line 5: nmae: unknown key; did you mean 'name'? known keys: " \
-                        "name, work_dir, benchmark, checks, promotion, tracking, dvc, compute"
-    assert errors[1].startswith(f"sftkey ui: {path} line 5: nmae: unknown key")
-    assert errors[2].startswith(f"sftkey regress: {path} line 5: nmae: unknown key")
+    assert errors[0] == f"sftkey pipeline: error: {path} line 5: nmae: unknown key; did you mean 'name'? known " \
+                        "keys: name, work_dir, benchmark, checks, promotion, tracking, dvc, compute"
+    assert errors[1].startswith(f"sftkey ui: error: {path} line 5: nmae: unknown key")
+    assert errors[2].startswith(f"sftkey regress: error: {path} line 5: nmae: unknown key")
+    assert len(errors) == 3  # one line each, no traceback
 
 
 def test_bad_benchmark_key_names_file_and_line(tmp_path):

@@ -31,7 +31,7 @@ def test_smoke_config_runs_every_arm_and_resume_keeps_finished_runs(tiny_model_d
 def test_bad_input_exits_2_with_the_place_named(tmp_path, capsys):
     assert main(["train", "--config", str(SMOKE), "--set", "train.lr=0"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "sftkey train: --set train.lr: train.lr: learning rate must be a finite number > 0, got 0.0")
+        "sftkey train: error: --set train.lr: train.lr: learning rate must be a finite number > 0, got 0.0")
     assert main(["train", "--config", str(SMOKE), "--arm", "dft"]) == 2
     assert "--arm dft: no such arm" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
