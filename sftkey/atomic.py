@@ -1,7 +1,9 @@
 """Atomic writes: a reader or a crash never sees half a file or half a folder.
 
 Files are written to a temp name beside the target and renamed over it; folders are built under a temp name
-and swapped in, the previous folder (if any) moved aside first and deleted only after the swap.
+and swapped in, the previous folder (if any) moved aside first and deleted only after the swap. The data is
+fsynced before the rename and the folder after it, so after a power loss the new name never points at
+unwritten blocks and the rename itself is on disk.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ def write_text(path: str | Path, text: str) -> Path:
     try:
         with handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(handle.name, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
@@ -30,6 +35,7 @@ def write_text(path: str | Path, text: str) -> Path:
 def swap_folder(tmp: Path, target: Path) -> Path:
     """Rename the finished folder `tmp` to `target`; an existing `target` is replaced only at the last moment."""
     tmp, target = Path(tmp), Path(target)
+    fsync_tree(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
@@ -38,4 +44,26 @@ def swap_folder(tmp: Path, target: Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, target)
+    fsync_dir(target.parent)
     return target
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` and every folder's entries to disk (before the folder is renamed into place)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (POSIX: fsync the directory itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -95,6 +95,71 @@ def prune_periodic(checkpoints: Path, keep_last: int) -> list[Path]:
     return removed
 
 
+def load_problem(folder: Path, meta: dict) -> str | None:
+    """Why `folder` would not load, or None: a cheap structural check of every file a resume or the next stage reads.
+
+    Safetensors: the header parses and the file is as long as the header says. Torch files (.pt, .bin) are zip
+    archives, whose directory sits at the end, so a zero-byte or truncated one does not open as a zip.
+    """
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no *.safetensors weights"
+    if (folder / ADAPTER_DIR).is_dir():  # LoRA: a resume loads the adapter
+        weights += sorted((folder / ADAPTER_DIR).glob("*.safetensors")) or [folder / ADAPTER_DIR / "adapter_model.safetensors"]
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem:
+            return f"{path.relative_to(folder)} {problem}"
+    needed = list(folder.glob("rng_state_*.pt"))
+    if not meta.get("final"):
+        optimizer = [folder / name for name in (OPTIMIZER_FILE, "optimizer.bin") if (folder / name).exists()]
+        needed += (optimizer or [folder / OPTIMIZER_FILE]) + [folder / SCHEDULER_FILE]
+    for path in needed:
+        problem = _torch_file_problem(path)
+        if problem:
+            return f"{path.name} {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > size - 8:
+                return f"is cut ({size} bytes)"
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"has an unreadable header ({type(e).__name__})"
+    return None if size == 8 + length + end else f"is {size} bytes, its header says {8 + length + end}"
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    import zipfile
+
+    if not path.exists():
+        return "is missing"
+    try:
+        with zipfile.ZipFile(path):
+            return None
+    except (OSError, zipfile.BadZipFile):
+        return f"is not a complete torch file ({path.stat().st_size} bytes)"
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a checkpoint that does not load to a dotted name (kept for a look, out of every search for checkpoints)."""
+    target = folder.with_name(f".{folder.name}.bad")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f".{folder.name}.bad{n}")
+    os.rename(folder, target)
+    return target
+
+
 def link_copy(source: Path, target: Path) -> None:
     """Copy a folder tree with hard links where the file system allows (a reused stage costs no disk)."""
     shutil.copytree(source, target, copy_function=_link_or_copy)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sftkey.atomic import write_text
+from sftkey.errors import UserError
 
 
 class Tracker(Protocol):
@@ -66,13 +67,45 @@ class JsonlTracker:
     def log_artifact(self, path: str | Path) -> None:
         self._write({"type": "artifact", **self.tags, "path": str(path)})
 
-    def drop_metrics_after(self, step: int) -> None:
-        """Forget metrics lines past `step` (a resumed run logs those steps again); rewritten via a temp file."""
+    def drop_metrics_after(self, step: int) -> list[str]:
+        """Forget metrics lines past `step` (a resumed run logs those steps again) and a last line cut by a crash;
+        rewritten via a temp file. Returns what was dropped, in words, for the log."""
         if not self.path.exists():
-            return
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if not _is_metrics_after(json.loads(line), step)]
-        write_text(self.path, "".join(kept))
+            return []
+        rows, cut = _parse_lines(self.path)
+        kept = [line for line, row in rows if not _is_metrics_after(row, step)]
+        dropped = [f"{self.path}: dropped a last line cut by a crash ({len(cut.encode())} bytes)"] if cut else []
+        if len(kept) < len(rows):
+            dropped.append(f"{self.path}: dropped {len(rows) - len(kept)} metrics lines past step {step} "
+                           "(logged again by this run)")
+        if dropped:
+            write_text(self.path, "".join(kept))
+        return dropped
+
+
+class MetricsFileError(UserError):
+    """A metrics.jsonl line other than the last does not parse: not a crash of ours, so nothing is guessed."""
+
+
+def _parse_lines(path: Path) -> tuple[list[tuple[str, dict]], str]:
+    """(line, row) for each complete line, and the text of a last line a crash cut ("" when there is none).
+
+    Lines are appended whole and end in a newline, so only the last can be cut; a bad line elsewhere is an error.
+    """
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if number == len(lines):
+                return rows, line
+            raise MetricsFileError(f"{path} line {number}: not a JSON object; only a crash's last line is repaired, "
+                                   "so fix or delete this line (or the file) and resume again")
+        rows.append((line, row))
+    return rows, ""
 
 
 def _is_metrics_after(row: dict, step: int) -> bool:
@@ -103,6 +136,6 @@ class FanoutTracker:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The metrics lines of a `metrics.jsonl`, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [row for row in map(json.loads, f) if row.get("type") == "metrics"]
+    """The metrics lines of a `metrics.jsonl`, in order (a last line cut by a crash is left out)."""
+    rows, _cut = _parse_lines(Path(path))
+    return [row for _line, row in rows if row.get("type") == "metrics"]

@@ -22,7 +22,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 
+from sftkey.atomic import write_text
 from sftkey.errors import UserError
 from sftkey.loss import LossParts, normalize
 from sftkey.models import ResolvedModel, identity_params, resolve_base_model
@@ -57,6 +60,7 @@ log = logging.getLogger("sftkey.train")
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
 LOGGED_ROLES = ("thinking", "answer", "eos")  # prompt targets never carry loss
 
 
@@ -64,6 +68,14 @@ class TrainingError(UserError, RuntimeError):
     """Training stopped (a non-finite loss or gradient); the message names the step, the batch and the last checkpoint."""
 
     exit_code = 1
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread by the SIGTERM handler `sftkey train` installs, so `finally` blocks run and
+    run.json says "killed"; exit status 143 (128 + SIGTERM), as the shell reports a process it terminated."""
+
+    def __init__(self, signum: int = 15):
+        super().__init__(128 + signum)
 
 
 class RunStateError(UserError, RuntimeError):
@@ -120,6 +132,7 @@ class Job:
     stages: list[StageData]
     tracker: Tracker
     progress: bool = False
+    lock: Any = None  # the open lock file of this process's rank (see _lock_run)
 
     @property
     def main(self) -> bool:
@@ -128,6 +141,12 @@ class Job:
     @property
     def base_sha256(self) -> str:
         return self.base.identity["weights_sha256"]
+
+    @property
+    def code_version(self) -> str:
+        from sftkey.version import code_version  # part of the stage key: other code, another stage
+
+        return code_version()
 
     def stage_key(self, stage_index: int) -> str:
         return stage_key(self.config, self.arm_name, self.seed, stage_index, self.data_version, self.base_sha256)
@@ -150,9 +169,16 @@ def train_arm(config: TrainConfig, arm: str, seed: int, *, tracker: Tracker | No
     settings) is linked from there instead of trained again: SFTKey-Tag's stage 1 is SFT-Tag's.
     """
     job = _setup(config, arm, seed, tracker, resume, prepared, progress)
+    with contextlib.closing(job.lock):  # closing the file releases the run folder's lock
+        return _train_stages(job, resume)
+
+
+def _train_stages(job: Job, resume: bool) -> Path:
+    config, arm, seed = job.config, job.arm_name, job.seed
     started = time.time()
-    run = {"arm": arm, "seed": seed, "status": "running", "data_version": job.data_version,
-           "base_model": job.base.identity, "stages": [], "final_checkpoint": None, "started": started}
+    run = {"arm": arm, "seed": seed, "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+           "data_version": job.data_version, "base_model": job.base.identity, "stages": [], "final_checkpoint": None,
+           "started": started}
     _write_run(job, run)
     job.tracker.set_tags({"arm": arm, "seed": str(seed)})
     job.tracker.log_params(_flat(training_view(config, arm, seed)) | {"data_version": job.data_version}
@@ -175,7 +201,8 @@ def train_arm(config: TrainConfig, arm: str, seed: int, *, tracker: Tracker | No
             _write_run(job, run)
             init = final
     except BaseException as error:
-        run |= {"status": "failed", "error": f"{type(error).__name__}: {error}", "wall_s": round(time.time() - started, 1)}
+        run |= {"status": ended_status(error), "error": f"{type(error).__name__}: {error}",
+                "wall_s": round(time.time() - started, 1)}
         _write_run(job, run)
         raise
     run |= {"status": "done", "final_checkpoint": str(init), "wall_s": round(time.time() - started, 1)}
@@ -192,6 +219,12 @@ def run_stage(config: TrainConfig, arm: str, seed: int, stage_index: int, init: 
     `init` equal to `config.model` means the base model as the job resolved it (with `model_fallback`).
     """
     job = _setup(config, arm, seed, tracker, resume, prepared, progress, check_existing=False)
+    with contextlib.closing(job.lock):
+        return _run_one_stage(job, stage_index, init, resume)
+
+
+def _run_one_stage(job: Job, stage_index: int, init: str | Path, resume: bool) -> Path:
+    config, arm, seed = job.config, job.arm_name, job.seed
     if str(init) == config.model:
         init = job.base.folder
     if not 0 <= stage_index < len(job.arm.stages):
@@ -257,22 +290,104 @@ def _setup(config: TrainConfig, arm: str, seed: int, tracker: Tracker | None, re
     paths = run_paths(config, arm, seed)
     job = Job(config, arm, arm_config, seed, paths, accelerator, base, tokenizer, prepared.meta["data_version"],
               stages, NullTracker(), progress)
+    job.lock = _lock_run(paths.root, accelerator.process_index)
+    try:
+        _claim_run(job, resume, check_existing, tracker)
+    except BaseException:
+        job.lock.close()
+        raise
+    return job
+
+
+def _claim_run(job: Job, resume: bool, check_existing: bool, tracker: Tracker | None) -> None:
+    """Holding the lock: settle what a dead run left (run.json, bad checkpoints, its metrics), then start ours."""
+    config, arm, seed, paths, accelerator = job.config, job.arm_name, job.seed, job.paths, job.accelerator
+    if job.main:
+        _mark_dead_run(paths.run_json)
     newest = ckpt.latest(paths.checkpoints)
+    if newest is not None and check_existing and not resume:
+        raise RunStateError(f"{paths.root} already holds checkpoints (newest {newest[0].name}): pass --resume to "
+                            "continue or reuse it, or choose another output_dir")
+    newest = _newest_loadable(job)
     if newest is not None:
-        if check_existing and not resume:
-            raise RunStateError(f"{paths.root} already holds checkpoints (newest {newest[0].name}): pass --resume to "
-                                "continue or reuse it, or choose another output_dir")
         _check_resumable(job, *newest)
     if job.main:
         paths.root.mkdir(parents=True, exist_ok=True)
         jsonl = JsonlTracker(paths.metrics)
-        if newest is not None:
-            jsonl.drop_metrics_after(newest[1]["global_step"])
+        # a dead run logged steps past its last checkpoint (all of them when it wrote none): those run again
+        for line in jsonl.drop_metrics_after(newest[1]["global_step"] if newest else 0):
+            log.warning("%s", line)
         job.tracker = FanoutTracker(jsonl, tracker) if tracker is not None else jsonl
         header = f"# resolved config of arm {arm}, seed {seed}; rerun: sftkey train --config {paths.config} --resume"
         _atomic_text(paths.config, dump_yaml(run_config(config, arm, seed), header))
     accelerator.wait_for_everyone()
-    return job
+
+
+def _lock_run(root: Path, rank: int):
+    """An exclusive flock on `{run}/run.lock` (one file per rank): a second `sftkey train` on the same arm/seed
+    folder refuses at once. The kernel drops a flock when its process dies, kill -9 included, so a lock file left
+    behind never blocks; its text (pid and host of the holder) only names who holds it."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / (LOCK_FILE if rank == 0 else f"{LOCK_FILE}.rank{rank}")
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunStateError(f"{root}: another sftkey train ({holder}) is training this run folder; wait for it to "
+                            "finish or stop it, then rerun with --resume") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _mark_dead_run(run_json: Path) -> None:
+    """A run.json still "running" while we hold the lock was left by a process that died without a word (kill -9,
+    out of memory, power loss): its pid is gone, so the run was interrupted."""
+    try:
+        run = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if run.get("status") != "running":
+        return
+    who = f"pid {run.get('pid', '?')} on {run.get('host', '?')}"
+    run |= {"status": "interrupted", "error": f"{who} died while running (killed with SIGKILL, out of memory or "
+                                              "lost power); no status was written"}
+    ckpt.write_json(run_json, run)
+    log.warning("%s: the previous run (%s) died while running; marked interrupted", run_json, who)
+
+
+def _newest_loadable(job: Job) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint that loads. Newer ones that do not (a cut or zero-byte file, an unreadable
+    sftkey.json) are renamed aside, never deleted, and the log says so and where training resumes instead."""
+    checkpoints = job.paths.checkpoints
+    found = ckpt.complete_checkpoints(checkpoints)
+    complete = {folder for folder, _meta in found}
+    bad = [(folder, f"no readable {ckpt.META_FILE}") for folder in sorted(checkpoints.glob("[!.]*"))
+           if folder.is_dir() and folder not in complete]  # renamed into place, so a folder without it is damaged
+    while found and (problem := ckpt.load_problem(*found[-1])) is not None:
+        bad.append((found.pop()[0], problem))
+    job.accelerator.wait_for_everyone()  # every process has looked before the main one renames
+    if job.main:
+        instead = f"resuming from {found[-1][0].name}" if found else "no usable checkpoint left, starting over"
+        for folder, problem in bad:
+            aside = ckpt.set_aside(folder)
+            log.warning("checkpoint %s does not load (%s): moved aside to %s; %s", folder, problem, aside.name, instead)
+    job.accelerator.wait_for_everyone()
+    return found[-1] if found else None
+
+
+def ended_status(error: BaseException) -> str:
+    """run.json's status for a run stopped by `error`: Ctrl-C, SIGTERM, or a failure."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return "killed" if isinstance(error, Terminated) else "failed"
 
 
 def make_accelerator(config: TrainConfig):
@@ -324,8 +439,10 @@ def _check_resumable(job: Job, folder: Path, meta: dict) -> None:
     if meta.get("stage_key") != job.stage_key(k):
         mine = training_view(job.config, job.arm_name, job.seed)
         diff = first_difference(stage_view(meta["config"], k, job.arm_name), stage_view(mine, k, job.arm_name))
+        if diff is None and meta.get("code_version") != job.code_version:
+            diff = f"code version {meta.get('code_version') or 'unrecorded'} -> {job.code_version}"
         raise RunStateError(f"{folder}: made with a different config ({diff or 'another stage key: an older sftkey'}); "
-                            "use another output_dir, or put the old value back to resume")
+                            "use another output_dir, or put the old value (or code) back to resume")
 
 
 # --------------------------------------------------------------------------- one stage
@@ -381,54 +498,56 @@ def _run_stage(job: Job, k: int, init: str | Path, resume: bool = True) -> Path:
     last_checkpoint = resume_from[0] if resume_from else (init_dir if ckpt.read_meta(init_dir) else None)
     world, rank = acc.num_processes, acc.process_index
     pad_id = job.tokenizer.pad_token_id if job.tokenizer.pad_token_id is not None else 0
-    for step in range(start, data.steps):
-        began = time.perf_counter()
-        batch = data.plan.batch(step)
-        # the whole global batch's denominators, known before the step: every micro-batch divides by them
-        weight_sum = torch.tensor(float(sum(data.samples[i].weight_sum for i in batch)), device=acc.device)
-        token_count = torch.tensor(float(sum(data.samples[i].token_count for i in batch)), device=acc.device)
-        all_roles = step % train.log_every == 0 or step == data.steps - 1
-        stats = torch.zeros(1 + 2 * len(ROLE_NAMES) + 1, dtype=torch.float64)  # total, role nll, role count, tokens
-        micro = rank_micro_batches(batch, world, train.grad_accum, rank)
-        for a, indices in enumerate(micro):
-            mb = micro_batch(data.samples, indices, pad_id, train.packing, train.pack_length, train.attn_implementation)
-            inputs = {name: t.to(acc.device) for name, t in mb.tensors.items()}
-            sync = contextlib.nullcontext() if a == len(micro) - 1 else acc.no_sync(loss_model)
-            with sync:
-                out = loss_model(**inputs, dft=spec.dft, all_roles=all_roles)
-                # DDP averages gradients over processes; the sum over processes is what the global batch needs.
-                acc.backward(normalize(LossParts(out["total"], weight_sum, token_count), train.normalizer) * world)
-            stats += torch.cat([out["total"].detach().reshape(1), out["role_nll"], out["role_count"],
-                                torch.tensor([float(mb.tokens)], device=acc.device)]).double().cpu()
-        stats = acc.reduce(stats.to(acc.device), reduction="sum").cpu()
-        loss = normalize(LossParts(stats[0], weight_sum.double().cpu(), token_count.double().cpu()), train.normalizer).item()
-        if not math.isfinite(loss):
-            _stop(job, stage.name, step, offset, f"loss is {loss}", batch, data, last_checkpoint)
-        grad_norm = acc.clip_grad_norm_(loss_model.parameters(), train.max_grad_norm or math.inf)
-        grad_norm = float(grad_norm)
-        if not math.isfinite(grad_norm):
-            _stop(job, stage.name, step, offset, f"gradient norm is {grad_norm}", batch, data, last_checkpoint)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - began
-        tokens = int(stats[-1])
-        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                   "tokens_per_s": tokens / seconds, "epoch": (step + 1) / data.plan.steps_per_epoch}
-        nll, count = stats[1 : 1 + len(ROLE_NAMES)], stats[1 + len(ROLE_NAMES) : 1 + 2 * len(ROLE_NAMES)]
-        for role in LOGGED_ROLES:
-            r = ROLE_NAMES.index(role)
-            if count[r] > 0:
-                metrics[f"loss_{role}"] = (nll[r] / count[r]).item()
-        job.tracker.log_metrics(metrics, step=offset + step + 1)
+    try:  # the bar is closed before any error line is printed, not at garbage collection after it
+        for step in range(start, data.steps):
+            began = time.perf_counter()
+            batch = data.plan.batch(step)
+            # the whole global batch's denominators, known before the step: every micro-batch divides by them
+            weight_sum = torch.tensor(float(sum(data.samples[i].weight_sum for i in batch)), device=acc.device)
+            token_count = torch.tensor(float(sum(data.samples[i].token_count for i in batch)), device=acc.device)
+            all_roles = step % train.log_every == 0 or step == data.steps - 1
+            stats = torch.zeros(1 + 2 * len(ROLE_NAMES) + 1, dtype=torch.float64)  # total, role nll, role count, tokens
+            micro = rank_micro_batches(batch, world, train.grad_accum, rank)
+            for a, indices in enumerate(micro):
+                mb = micro_batch(data.samples, indices, pad_id, train.packing, train.pack_length, train.attn_implementation)
+                inputs = {name: t.to(acc.device) for name, t in mb.tensors.items()}
+                sync = contextlib.nullcontext() if a == len(micro) - 1 else acc.no_sync(loss_model)
+                with sync:
+                    out = loss_model(**inputs, dft=spec.dft, all_roles=all_roles)
+                    # DDP averages gradients over processes; the sum over processes is what the global batch needs.
+                    acc.backward(normalize(LossParts(out["total"], weight_sum, token_count), train.normalizer) * world)
+                stats += torch.cat([out["total"].detach().reshape(1), out["role_nll"], out["role_count"],
+                                    torch.tensor([float(mb.tokens)], device=acc.device)]).double().cpu()
+            stats = acc.reduce(stats.to(acc.device), reduction="sum").cpu()
+            loss = normalize(LossParts(stats[0], weight_sum.double().cpu(), token_count.double().cpu()), train.normalizer).item()
+            if not math.isfinite(loss):
+                _stop(job, stage.name, step, offset, f"loss is {loss}", batch, data, last_checkpoint)
+            grad_norm = acc.clip_grad_norm_(loss_model.parameters(), train.max_grad_norm or math.inf)
+            grad_norm = float(grad_norm)
+            if not math.isfinite(grad_norm):
+                _stop(job, stage.name, step, offset, f"gradient norm is {grad_norm}", batch, data, last_checkpoint)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - began
+            tokens = int(stats[-1])
+            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                       "tokens_per_s": tokens / seconds, "epoch": (step + 1) / data.plan.steps_per_epoch}
+            nll, count = stats[1 : 1 + len(ROLE_NAMES)], stats[1 + len(ROLE_NAMES) : 1 + 2 * len(ROLE_NAMES)]
+            for role in LOGGED_ROLES:
+                r = ROLE_NAMES.index(role)
+                if count[r] > 0:
+                    metrics[f"loss_{role}"] = (nll[r] / count[r]).item()
+            job.tracker.log_metrics(metrics, step=offset + step + 1)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                bar.update(1)
+            if train.save_every and (step + 1) % train.save_every == 0 and step + 1 < data.steps:
+                last_checkpoint = _save(job, k, step + 1, loss_model, optimizer, scheduler, init_dir, final=False)
+    finally:
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
-            bar.update(1)
-        if train.save_every and (step + 1) % train.save_every == 0 and step + 1 < data.steps:
-            last_checkpoint = _save(job, k, step + 1, loss_model, optimizer, scheduler, init_dir, final=False)
-    if bar is not None:
-        bar.close()
+            bar.close()
     final = _save(job, k, data.steps, loss_model, optimizer, scheduler, init_dir, final=True)
     job.tracker.log_artifact(final)
     acc.free_memory()
@@ -485,29 +604,30 @@ def _progress_bar(job: Job, stage: str, total: int, start: int):
 
 
 def _model_folder(name: str | Path) -> Path:
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
+    """A model name or folder as a checked local folder: config.json and complete safetensors, never pickles."""
     from sftkey.models import resolve_model
 
     return resolve_model(str(name))
 
 
 def _load_tokenizer(name: str | Path):
-    from transformers import AutoTokenizer
+    from sftkey.models import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(_model_folder(name))
+    return load_tokenizer(name)  # resolves and checks the folder too
 
 
 def _load_model(config: TrainConfig, folder: Path, adapter: Path | None):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=config.train.attn_implementation)
+    folder = _model_folder(folder)  # a checkpoint cut short fails here in one line, not inside transformers
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                                 attn_implementation=config.train.attn_implementation)
     lora = config.train.lora
     if lora is not None:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if adapter is not None:
+            _check_adapter(adapter)  # PEFT has no use_safetensors: it reads the safetensors file when present
             model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         else:
             settings = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -517,6 +637,17 @@ def _load_model(config: TrainConfig, folder: Path, adapter: Path | None):
         model.gradient_checkpointing_enable()
     model.train()
     return model
+
+
+def _check_adapter(adapter: Path) -> None:
+    """A LoRA adapter folder must hold complete safetensors weights (PEFT would fall back to a pickle)."""
+    from sftkey.models import ModelResolveError, check_safetensors
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelResolveError(f"{adapter}: no adapter_model.safetensors (pickled adapters are not loaded); "
+                                "delete the checkpoint folder and resume from the one before it")
+    check_safetensors(weights)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -565,7 +696,7 @@ def _save(job: Job, k: int, step: int, loss_model, optimizer, scheduler, init_di
             "steps": data.steps, "global_step": global_step, "final": final,
             "epoch": step / data.plan.steps_per_epoch, "data_version": job.data_version,
             "config": training_view(job.config, job.arm_name, job.seed),
-            "stage_key": job.stage_key(k), "base_model": job.base.identity,
+            "stage_key": job.stage_key(k), "code_version": job.code_version, "base_model": job.base.identity,
             "init": str(init_dir), "loss": stage.loss, "world_size": acc.num_processes, "created": time.time(),
         }
         ckpt.commit(tmp, folder, meta)
@@ -612,9 +743,7 @@ def _write_run(job: Job, run: dict) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, text)
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, Any]:

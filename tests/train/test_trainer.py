@@ -98,7 +98,7 @@ def test_run_layout_and_checkpoints_load_with_transformers(all_arms):
     assert {k: meta[k] for k in ("arm", "seed", "stage", "stage_index", "step", "global_step", "final")} == {
         "arm": "sftkey_tag", "seed": 0, "stage": "stage2", "stage_index": 1, "step": 2, "global_step": 4, "final": True}
     assert meta["data_version"] == record["data_version"] and meta["config"]["arms"]["sftkey_tag"]["format"] == "tagged"
-    model = AutoModelForCausalLM.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert tokenizer.eos_token == "<|im_end|>" and model.config.num_hidden_layers == 2
     loaded = model.state_dict()
@@ -154,7 +154,7 @@ def test_a_killed_run_resumes_to_bit_identical_weights(make_config, tmp_path, cr
     with pytest.raises(KeyboardInterrupt):
         train_arm(config, "sftkey_tag", 0, tracker=CrashAt(crash_step))
     run = tmp_path / "killed" / "sftkey_tag" / "seed0"
-    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"  # KeyboardInterrupt: Ctrl-C
     newest = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert newest == [f"step-{crash_step - 1:08d}"]  # keep_last 1; the crashed step never got its checkpoint
     (run / "checkpoints" / f".step-{crash_step:08d}.tmp").mkdir()  # a half-written checkpoint left by the kill
@@ -199,7 +199,7 @@ def test_non_finite_loss_stops_with_the_step_and_batch(make_config, tmp_path, ti
     from transformers import AutoModelForCausalLM
 
     broken = tmp_path / "broken"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
     with torch.no_grad():
         model.model.norm.weight[0] = float("nan")
     model.save_pretrained(broken)
