@@ -7,11 +7,15 @@ Baseline file:
     {"config": "configs/regress_cpu.yaml",
      "tolerance": {"format_accuracy": 0.1, ...},           # absolute; a missing metric gets DEFAULT_TOLERANCE
      "metrics": {"sft_tag": {"format_accuracy": 0.75, ...}, ...}}
+
+A baseline that cannot fail is refused, read or written: no arms, an arm with no metrics, a value or tolerance
+that is not a finite number >= 0, or a tolerance >= its baseline value (measured >= 0 always passes it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -20,8 +24,10 @@ from orchestration.config import PipelineConfig
 from orchestration.pipeline import PipelineResult
 from sftkey.errors import UserError
 
-REGRESSION_METRICS = ("strict_accuracy", "format_accuracy", "composite")  # higher is better, all three
+REGRESSION_METRICS = ("strict_accuracy", "format_accuracy", "composite")  # higher is better, all three, in [0, 1]
 DEFAULT_TOLERANCE = 0.0
+REWRITE_FIX = "record it again from a good run with `sftkey regress --config CONFIG --write-baseline FILE`"
+CHAMPION_FIX = "check the champion's `metric.*` tags, or compare with the baseline file only (--no-champion)"
 
 
 class BaselineError(UserError, ValueError):
@@ -51,24 +57,89 @@ def measured_metrics(result: PipelineResult) -> dict[str, dict[str, float]]:
 
 
 def read_baseline(path: Path) -> dict:
-    path = Path(path)
+    """The baseline file, refused (BaselineError naming the file, arm and metric) when it cannot fail."""
+    baseline = _read_json(Path(path))
+    tolerance = checked_tolerance(str(path), baseline.get("tolerance"), REWRITE_FIX)
+    checked_metrics(str(path), baseline.get("metrics"), tolerance, REWRITE_FIX)
+    return baseline
+
+
+def read_tolerance(path: Path) -> dict[str, float]:
+    """The tolerances of an existing baseline file, kept when --write-baseline records new values over it."""
+    return checked_tolerance(str(path), _read_json(Path(path)).get("tolerance"), "fix or remove the tolerance")
+
+
+def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise BaselineError(f"{path}: no baseline file; create it from a good run with "
                             f"`sftkey regress --config CONFIG --write-baseline {path}`")
     try:
         baseline = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise BaselineError(f"{path}: not UTF-8 text (byte {e.start}); {REWRITE_FIX}") from None
     except json.JSONDecodeError as e:
         raise BaselineError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(baseline.get("metrics"), dict):
-        raise BaselineError(f"{path}: no `metrics` mapping (arm -> metric -> value)")
+    if not isinstance(baseline, dict):
+        raise BaselineError(f"{path}: a JSON object with `tolerance` and `metrics` expected, got "
+                            f"{type(baseline).__name__}; {REWRITE_FIX}")
     return baseline
 
 
+def _number(where: str, what: str, value, fix: str) -> float:
+    """A finite number >= 0 (JSON true/false are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise BaselineError(f"{where}: {what} is {json.dumps(value)}, not a finite number >= 0; {fix}")
+    return float(value)
+
+
+def checked_tolerance(where: str, tolerance, fix: str) -> dict[str, float]:
+    """metric -> absolute tolerance; refuses unknown metrics and values that are not finite numbers >= 0."""
+    if tolerance is None:
+        return {}
+    if not isinstance(tolerance, dict):
+        raise BaselineError(f"{where}: `tolerance` must map metric -> number, got {json.dumps(tolerance)}; {fix}")
+    for metric in tolerance:
+        if metric not in REGRESSION_METRICS:
+            raise BaselineError(f"{where}: tolerance of {metric!r}, which is not one of "
+                                f"{', '.join(REGRESSION_METRICS)}; remove it or name a regression metric")
+    return {metric: _number(where, f"tolerance {metric!r}", value, fix) for metric, value in tolerance.items()}
+
+
+def checked_metrics(where: str, metrics, tolerance: dict[str, float], fix: str) -> dict[str, dict[str, float]]:
+    """arm -> metric -> value, refused when it cannot fail: no arms, an arm with no metrics, a value that is not a
+    finite number in [0, 1], or a value at or below its tolerance (measured >= 0 >= value - tolerance always)."""
+    if not isinstance(metrics, dict) or not metrics:
+        raise BaselineError(f"{where}: no arms under `metrics`, so nothing would be checked; {fix}")
+    checked: dict[str, dict[str, float]] = {}
+    for arm, values in metrics.items():
+        if not isinstance(values, dict) or not values:
+            raise BaselineError(f"{where}: arm {arm!r} has no metrics, so nothing of it would be checked; {fix}")
+        checked[arm] = {}
+        for metric, raw in values.items():
+            if metric not in REGRESSION_METRICS:
+                raise BaselineError(f"{where}: arm {arm!r} metric {metric!r} is not one of "
+                                    f"{', '.join(REGRESSION_METRICS)}; {fix}")
+            value = _number(where, f"arm {arm!r} metric {metric!r}", raw, fix)
+            if value > 1:
+                raise BaselineError(f"{where}: arm {arm!r} metric {metric!r} is {value:g}, above 1 (a share); {fix}")
+            allowed = tolerance.get(metric, DEFAULT_TOLERANCE)
+            if allowed >= value:
+                raise BaselineError(
+                    f"{where}: arm {arm!r} metric {metric!r} has tolerance {allowed:g} >= its baseline {value:g}, so "
+                    f"it can never regress; set its tolerance below {value:g}, or record the baseline from a run "
+                    f"that scores clearly above {allowed:g}")
+            checked[arm][metric] = value
+    return checked
+
+
 def write_baseline(path: Path, config: PipelineConfig, measured: dict, tolerance: dict[str, float]) -> Path:
+    """Record `measured` as the baseline at `path`, refused (nothing written) when that baseline could not fail."""
     from sftkey.atomic import write_text
 
-    payload = {"config": str(config.path or ""), "tolerance": tolerance,
-               "metrics": {arm: {m: round(v, 6) for m, v in metrics.items()} for arm, metrics in measured.items()}}
+    metrics = {arm: {m: round(v, 6) for m, v in values.items()} for arm, values in measured.items()}
+    checked_metrics(f"{path} (not written)", metrics, tolerance,
+                    "train a run that scores above the tolerances, or lower them in the baseline file")
+    payload = {"config": str(config.path or ""), "tolerance": tolerance, "metrics": metrics}
     return write_text(Path(path), json.dumps(payload, indent=2) + "\n")
 
 
@@ -79,13 +150,48 @@ def champion_metrics(client, model_name: str) -> tuple[str, dict[str, dict[str, 
     champion = version_by_alias(client, model_name, CHAMPION)
     if champion is None:
         return None
-    metrics = {name.removeprefix("metric."): float(value) for name, value in champion.tags.items()
-               if name.removeprefix("metric.") in REGRESSION_METRICS}
-    return f"champion v{champion.version}", {champion.tags.get("sftkey.arm", "?"): metrics}
+    source = f"champion v{champion.version}"
+    metrics = {}
+    for name, value in champion.tags.items():
+        if name.removeprefix("metric.") in REGRESSION_METRICS:
+            try:
+                metrics[name.removeprefix("metric.")] = float(value)
+            except ValueError:
+                raise BaselineError(f"{source} of {model_name!r}: tag {name} is {value!r}, not a number; "
+                                    f"{CHAMPION_FIX}") from None
+    return source, {champion.tags.get("sftkey.arm", "?"): metrics}
+
+
+def regressible(baseline: dict[str, dict[str, float]], tolerance: dict[str, float]) -> tuple[dict, list[str]]:
+    """The champion's metrics that can regress (value above its tolerance), and a note for each one left out: a
+    champion at 0 strict accuracy is no reason to refuse the run, and no check that can never fail is made."""
+    kept: dict[str, dict[str, float]] = {}
+    skipped = []
+    for arm, metrics in baseline.items():
+        if not metrics:
+            skipped.append(f"{arm}: no metric tags")
+        for metric, value in metrics.items():
+            allowed = tolerance.get(metric, DEFAULT_TOLERANCE)
+            if isinstance(value, float) and math.isfinite(value) and 0 <= value <= allowed:
+                skipped.append(f"{arm} {metric} {value:.4f} <= tolerance {allowed:.4f}")
+            else:
+                kept.setdefault(arm, {})[metric] = value
+    return kept, skipped
+
+
+def require_every_arm(source: str, baseline: dict, arms: list[str]) -> None:
+    """Refuse a baseline file that misses an arm the config trains: that arm would go unchecked."""
+    missing = [arm for arm in arms if baseline and arm not in baseline]
+    if missing:
+        raise BaselineError(f"{source}: no baseline for arm {', '.join(map(repr, missing))}, which the config trains; "
+                            f"{REWRITE_FIX}")
 
 
 def checks_against(source: str, baseline: dict[str, dict[str, float]], measured: dict[str, dict[str, float]],
-                   tolerance: dict[str, float]) -> list[MetricCheck]:
+                   tolerance: dict[str, float], fix: str = REWRITE_FIX) -> list[MetricCheck]:
+    """One check per baseline arm and metric; a baseline that cannot fail is refused (see checked_metrics)."""
+    tolerance = checked_tolerance(source, tolerance, fix)
+    baseline = checked_metrics(source, baseline, tolerance, fix)
     checks = []
     for arm, metrics in baseline.items():
         if arm not in measured:

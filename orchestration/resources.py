@@ -20,8 +20,12 @@ from sftkey.atomic import write_text
 
 
 def content_key(*parts: Any) -> str:
-    """A short, stable hash of JSON-able parts: the name of a content-addressed folder."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    """A short, stable hash of JSON-able parts and of the code version: the name of a content-addressed folder.
+    Other code (another release, commit or local change) never reuses a folder that this code made."""
+    from sftkey import version  # module attribute, so a test can stand in another code version
+
+    keyed = [version.code_version(), *parts]
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 class ModelStore(dg.ConfigurableResource):

@@ -137,6 +137,16 @@ def test_stage_key_is_shared_by_identical_stages_only(tmp_path):
     assert stage_key(later, "sftkey_tag", 0, 1, "v1", hub) != stage_key(config, "sftkey_tag", 0, 1, "v1", hub)
 
 
+def test_stage_key_changes_with_the_code_version(tmp_path, monkeypatch):
+    from sftkey import version
+
+    config = load_config(write(tmp_path, GOOD))
+    one = stage_key(config, "sft_tag", 0, 0, "v1", "a" * 64)
+    assert stage_key(config, "sft_tag", 0, 0, "v1", "a" * 64) == one
+    monkeypatch.setattr(version, "code_version", lambda: "sftkey 0.1.0 git 0123abcd dirty 00ff")  # other code
+    assert stage_key(config, "sft_tag", 0, 0, "v1", "a" * 64) != one
+
+
 def test_first_difference_names_the_key():
     base = config_from_dict({"arms": {"a": {"stages": [{"loss": "sft", "steps": 1}]}}})
     changed = config_from_dict({"train": {"lr": 3e-5}, "arms": {"a": {"stages": [{"loss": "sft", "steps": 1}]}}})
