@@ -265,7 +265,7 @@ def train_stage(context: dg.AssetExecutionContext, config: TrainingAssetConfig, 
 def logged_model_uri(run, checkpoint: Path, store: ModelStore, tracking: MlflowResource) -> str:
     """Log the checkpoint as an MLflow transformers model, once per checkpoint and tracking store: a reused
     checkpoint points at the model logged before instead of copying its weights again."""
-    key = content_key(str(checkpoint), tracking.resolve_uri())
+    key = content_key(str(checkpoint), tracking.resolve_uri(), checkpoint_weights_sha256(checkpoint))
     with store.claim("logged_models", key) as folder:
         record = folder / "model.json"
         if record.exists():
@@ -346,7 +346,7 @@ def benchmark_scores(context: dg.AssetExecutionContext, config: BenchmarkAssetCo
 
     arm, seed = partition(context)
     bench = config.model_dump()
-    key = content_key(stage2_model["key"], bench)
+    key = score_key(stage2_model, bench)
     data = benchmark_data(config)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=False)
     with tracking.asset_run(context, tags={"sftkey.arm": arm, "sftkey.seed": str(seed)}) as run:
@@ -382,6 +382,19 @@ def benchmark_scores(context: dg.AssetExecutionContext, config: BenchmarkAssetCo
             for r in samples)),
         "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
     })
+
+
+def checkpoint_weights_sha256(checkpoint: str | Path) -> str:
+    """sha256 of the checkpoint's *.safetensors files as they are now (cached by path, size, mtime and inode)."""
+    from sftkey.models import weights_identity
+
+    return weights_identity(str(checkpoint), folder=Path(checkpoint))["weights_sha256"]
+
+
+def score_key(model: dict, bench: dict) -> str:
+    """The scores folder's name: the stage key, the benchmark settings and the weights actually scored (and, as
+    every content key, the code version), so weights swapped in a warm work dir are scored again."""
+    return content_key(model["key"], bench, checkpoint_weights_sha256(model["checkpoint"]))
 
 
 def lm_eval_metrics(config: BenchmarkAssetConfig, checkpoint: str, compute: ComputeResource, folder: Path) -> dict:
@@ -475,8 +488,11 @@ def arm_comparison(context: dg.AssetExecutionContext, config: ComparisonAssetCon
 @dg.asset(group_name=GROUP, code_version="1")
 def registered_model(context: dg.AssetExecutionContext, config: RegistryAssetConfig, arm_comparison: dict,
                      tracking: MlflowResource) -> dg.Output[dict]:
-    """The candidate arm's model as a new version in the MLflow registry, aliased `challenger`."""
-    from orchestration.registry import BENCHMARK_RUN_TAG, CHALLENGER, register_candidate
+    """The candidate arm's model in the MLflow registry, aliased `challenger`: a new version, or the earlier one
+    of the same weights scored on the same benchmark (a rerun adds none). Tagged with what the gate pairs on."""
+    from orchestration.registry import (BENCHMARK_RUN_TAG, BENCHMARK_TAG, CHALLENGER, WEIGHTS_TAG,
+                                        benchmark_identity, register_candidate, registration_tags)
+    from sftkey.evaluate import SUMMARY
 
     record = arm_comparison["records"].get(f"{config.candidate_arm}|{config.candidate_seed}")
     if record is None:
@@ -484,18 +500,23 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryAssetCon
                          f"compared runs ({', '.join(arm_comparison['records'])}): set promotion.candidate_arm")
     if not record.get("model_uri"):
         raise ValueError(f"arm {config.candidate_arm!r} seed {config.candidate_seed}: no logged model to register")
+    summary = json.loads((Path(record["folder"]) / SUMMARY).read_text(encoding="utf-8"))
     with tracking.asset_run(context) as run:
         tags = {"sftkey.arm": config.candidate_arm, "sftkey.seed": config.candidate_seed,
                 "sftkey.data_version": record["data_version"], "sftkey.dvc_rev": record["dvc_rev"],
-                BENCHMARK_RUN_TAG: record["benchmark_run_id"],
+                BENCHMARK_RUN_TAG: record["benchmark_run_id"], WEIGHTS_TAG: summary["model"]["weights_sha256"],
+                BENCHMARK_TAG: json.dumps(benchmark_identity(summary), sort_keys=True),
+                **registration_tags(tracking.parent_run_id),
                 **{f"metric.{k}": v for k, v in record["metrics"].items() if isinstance(v, (int, float))}}
         version = register_candidate(tracking.client(), config.model_name, record["model_uri"],
-                                     record["model_run_id"], tags)
+                                     record["model_run_id"], tags, tracking.resolve_uri())
+        reused = version.tags.get(BENCHMARK_RUN_TAG) != record["benchmark_run_id"]  # an earlier run's version
         run.log_params({"model_name": config.model_name, "version": version.version, **tags})
     value = {"name": config.model_name, "version": str(version.version), "arm": config.candidate_arm,
-             "seed": config.candidate_seed, "metrics": record["metrics"]}
+             "seed": config.candidate_seed, "metrics": record["metrics"], "reused": reused}
     return dg.Output(value, metadata={
-        "model": f"{config.model_name} v{version.version} (@{CHALLENGER})",
+        "model": f"{config.model_name} v{version.version} (@{CHALLENGER})"
+                 + (" (reused: same weights, same benchmark)" if reused else ""),
         "model_run": dg.MetadataValue.url(tracking.run_url(record["model_run_id"])),
         "strict_accuracy": float(record["metrics"]["strict_accuracy"]),
     })
@@ -504,9 +525,14 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryAssetCon
 @dg.asset(group_name=GROUP, code_version="1")
 def champion_model(context: dg.AssetExecutionContext, registered_model: dict,
                    tracking: MlflowResource) -> dg.Output[dict]:
-    """Moves the `champion` alias to the candidate; runs only when the promotion gate passed."""
-    from orchestration.registry import CHAMPION, promote
+    """Moves the `champion` alias to the candidate; runs only when the promotion gate passed, and moves it only
+    if the champion is still the one the gate compared with (else the gate runs again against the new one)."""
+    from orchestration.registry import CHAMPION, promote, version_by_alias
 
-    promote(tracking.client(), registered_model["name"], registered_model["version"])
-    return dg.Output(dict(registered_model), metadata={
-        "champion": f"{registered_model['name']} v{registered_model['version']} (@{CHAMPION})"})
+    name, version = registered_model["name"], registered_model["version"]
+    decision = promote(tracking.client(), name, version, tracking.resolve_uri())
+    champion = version_by_alias(tracking.client(), name, CHAMPION)
+    value = dict(registered_model, promoted=decision.promote, reason=decision.reason)
+    return dg.Output(value, metadata={
+        "champion": f"{name} v{champion.version if champion else '?'} (@{CHAMPION})",
+        "promoted": decision.promote, "reason": decision.reason})

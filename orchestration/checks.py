@@ -72,22 +72,58 @@ def check_benchmark_scores_length_cap(benchmark_scores: dict) -> dg.AssetCheckRe
                   "max_new_tokens": benchmark_scores.get("max_new_tokens") or -1})
 
 
+# The checks whose ERROR-severity failure bars promotion: partitioned ones count on the candidate's arm x seed.
+GATED_CHECKS = [check_annotated_dataset_coverage, check_stage1_model_loss_finite, check_stage2_model_loss_finite,
+                check_benchmark_scores_format_accuracy, check_benchmark_scores_length_cap]
+
+
+def failed_checks(instance: dg.DagsterInstance, run_tags: dict, partition: str) -> list[str]:
+    """The ERROR-severity checks that failed on the candidate: the latest evaluation of each gated check (within
+    this pipeline run's Dagster runs when it has any), unpartitioned or on `partition`. WARN failures pass."""
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as Status
+
+    from orchestration.pipeline import PIPELINE_RUN_TAG  # on every Dagster run of one `sftkey pipeline` run
+
+    run_ids = None
+    if run_tags.get(PIPELINE_RUN_TAG):
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={PIPELINE_RUN_TAG: run_tags[PIPELINE_RUN_TAG]}))
+        run_ids = {run.run_id for run in runs}
+    failed = []
+    for check in GATED_CHECKS:
+        for key in check.check_keys:
+            history = instance.event_log_storage.get_asset_check_execution_history(
+                key, limit=100, status={Status.SUCCEEDED, Status.FAILED})
+            for record in history:  # newest first
+                evaluation = record.event.asset_check_evaluation if record.event else None
+                if (evaluation is None or (run_ids is not None and record.run_id not in run_ids)
+                        or evaluation.partition not in (None, partition)):
+                    continue
+                if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
+                    failed.append(key.name + (f" [{partition}]" if evaluation.partition else ""))
+                break
+    return failed
+
+
 @dg.asset_check(asset=registered_model, blocking=True,
-                description="the candidate beats the champion by the margin with a significant paired test, "
-                            "or there is no champion; records the decision and evidence as version tags")
-def check_registered_model_promotion_gate(config: GateCheckConfig, registered_model: dict,
-                                          tracking: MlflowResource) -> dg.AssetCheckResult:
+                description="the candidate passed every check and beats the champion on the same benchmark by the "
+                            "margin with a significant paired test, or reaches min_accuracy when there is no "
+                            "champion; records the decision and evidence as version tags")
+def check_registered_model_promotion_gate(context: dg.AssetCheckExecutionContext, config: GateCheckConfig,
+                                          registered_model: dict, tracking: MlflowResource) -> dg.AssetCheckResult:
     from orchestration.registry import evaluate_gate
 
+    partition = f"{registered_model['arm']}|{registered_model['seed']}"
+    failed = failed_checks(context.instance, dict(context.run.tags), partition)
     decision = evaluate_gate(tracking.client(), registered_model["name"], registered_model["version"],
-                             config.margin_points, config.alpha)
+                             config.margin_points, config.alpha, config.min_accuracy, failed)
     return dg.AssetCheckResult(passed=decision.promote, description=decision.reason, metadata={
         "decision": "promote" if decision.promote else "refuse", "reason": decision.reason,
         "candidate_accuracy": decision.candidate_accuracy,
         "champion_accuracy": decision.champion_accuracy if decision.champion_accuracy is not None else float("nan"),
         "champion_version": decision.champion_version or "none",
         "p_value": decision.p_value if decision.p_value is not None else float("nan"),
-        "margin_points": decision.margin_points,
+        "margin_points": decision.margin_points, "min_accuracy": decision.min_accuracy,
+        "failed_checks": ", ".join(decision.failed_checks) or "none",
     })
 
 

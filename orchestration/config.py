@@ -15,12 +15,15 @@ from typing import Any
 import dagster as dg
 import yaml
 
-from sftkey.data import DataConfig, can_share_records, held_out_config
+from orchestration.registry import DEFAULT_MIN_ACCURACY
+from sftkey.data import DataConfig, DataError, can_share_records, held_out_config
 from sftkey.data.overlap import describe
-from sftkey.train.config import ConfigError, ConfigSource, TrainConfig, build_dataclass, config_from_dict, read_yaml
+from sftkey.train.config import (STAGE_NAME, ConfigError, ConfigSource, TrainConfig, build_dataclass, config_from_dict,
+                                 read_yaml)
 
 MAX_STAGES = 2  # the graph has stage1_model and stage2_model
 UI_RUN_DIR = "ui"  # runs launched from the Dagster UI share <work_dir>/runs/ui/
+BENCHMARK_COUNTS = ("limit", "max_new_tokens", "batch_size", "lm_eval_limit")  # each >= 1 when given
 
 
 # ---------------------------------------------------------------------------------- asset configs (Dagster)
@@ -75,6 +78,7 @@ class FormatCheckConfig(dg.Config):
 class GateCheckConfig(dg.Config):
     margin_points: float = 1.0  # accuracy points the candidate must gain over the champion
     alpha: float = 0.05
+    min_accuracy: float = DEFAULT_MIN_ACCURACY  # strict accuracy a first champion needs
 
 
 # ---------------------------------------------------------------------------------- the YAML file
@@ -97,6 +101,8 @@ class PromotionSection:
     baseline_arm: str | None = field(default=None, metadata={"help": "arm the others are tested against (default: the first)"})
     margin_points: float = field(default=1.0, metadata={"help": "accuracy points the candidate must gain over the champion"})
     alpha: float = field(default=0.05, metadata={"help": "significance level of the paired test"})
+    min_accuracy: float = field(default=DEFAULT_MIN_ACCURACY,
+                                metadata={"help": "strict accuracy in [0, 1] the first champion needs (no champion yet)"})
 
 
 @dataclass
@@ -201,6 +207,12 @@ def _validate(config: PipelineConfig, source: ConfigSource) -> None:
     def fail(keys: tuple, message: str) -> ConfigError:
         return ConfigError(f"{source.where(keys)}: {'.'.join(keys)}: {message}")
 
+    name = config.sections.name
+    if not STAGE_NAME.match(name):
+        raise fail(("name",), f"{name!r} names the run folders under work_dir/runs/: use letters, digits, '_', '.', "
+                   "'-' (no '/', '..' or absolute path), e.g. name: demo")
+    if not config.sections.work_dir.strip():
+        raise fail(("work_dir",), "empty; give a folder, e.g. work_dir: .sftkey-work")
     for arm, arm_config in config.training.arms.items():
         if len(arm_config.stages) > MAX_STAGES:
             raise fail(("training", "arms", arm), f"{len(arm_config.stages)} stages; the pipeline runs at most "
@@ -209,8 +221,7 @@ def _validate(config: PipelineConfig, source: ConfigSource) -> None:
     for key, arm in (("candidate_arm", promotion.candidate_arm), ("baseline_arm", promotion.baseline_arm)):
         if arm is not None and arm not in config.training.arms:
             raise fail(("promotion", key), f"{arm!r} is not an arm of training.arms ({', '.join(config.arms)})")
-    if not 0 < promotion.alpha < 1:
-        raise fail(("promotion", "alpha"), f"must be in (0, 1), got {promotion.alpha}")
+    _validate_promotion(promotion, fail)
     if config.sections.compute.num_processes < 1:
         raise fail(("compute", "num_processes"), f"must be >= 1, got {config.sections.compute.num_processes}")
     bench = benchmark_config(config, fail)
@@ -218,6 +229,20 @@ def _validate(config: PipelineConfig, source: ConfigSource) -> None:
         data = config.training.data
         raise fail(("benchmark", "split"), f"the benchmark ({describe(benchmark_data(bench))}) can share questions "
                    f"with the training data ({describe(data)}); answer held-out questions (e.g. split: test)")
+
+
+def _validate_promotion(promotion: PromotionSection, fail) -> None:
+    """Gate settings that would let any candidate through (NaN or infinite values compare False)."""
+    import math
+
+    if not (math.isfinite(promotion.margin_points) and promotion.margin_points >= 0):
+        raise fail(("promotion", "margin_points"), f"must be a finite number >= 0 (accuracy points the candidate "
+                   f"must gain over the champion), got {promotion.margin_points}")
+    if not 0 < promotion.alpha < 1:
+        raise fail(("promotion", "alpha"), f"must be in (0, 1), got {promotion.alpha}")
+    if not 0 <= promotion.min_accuracy <= 1:
+        raise fail(("promotion", "min_accuracy"), f"must be in [0, 1] (strict accuracy the first champion needs), "
+                   f"got {promotion.min_accuracy}")
 
 
 def benchmark_config(config: PipelineConfig, fail=None) -> BenchmarkAssetConfig:
@@ -241,6 +266,14 @@ def benchmark_config(config: PipelineConfig, fail=None) -> BenchmarkAssetConfig:
     except pydantic.ValidationError as e:
         error = e.errors()[0]
         raise fail(("benchmark", *map(str, error["loc"])), error["msg"]) from None
+    for key in BENCHMARK_COUNTS:
+        value = getattr(bench, key)
+        if value is not None and value < 1:
+            raise fail(("benchmark", key), f"must be a positive count, got {value} (or leave it out for the default)")
+    try:
+        benchmark_data(bench)
+    except DataError as e:  # unknown data set, test_fraction outside (0, 1)
+        raise fail(("benchmark",), str(e)) from None
     training = DataConfig(**{f.name: getattr(config.training.data, f.name) for f in dataclasses.fields(DataConfig)})
     held_out = held_out_config(training, benchmark_data(bench))
     return bench.model_copy(update={"seed": held_out.seed, "test_fraction": held_out.test_fraction})
@@ -276,7 +309,8 @@ def run_config(config: PipelineConfig) -> dict:
         "annotated_dataset_check_annotated_dataset_coverage": {"config": {"min_coverage": checks.min_annotation_coverage}},
         "benchmark_scores_check_benchmark_scores_format_accuracy": {"config": {"min_format_accuracy": checks.min_format_accuracy}},
         "registered_model_check_registered_model_promotion_gate": {"config": {"margin_points": promotion.margin_points,
-                                                                              "alpha": promotion.alpha}},
+                                                                              "alpha": promotion.alpha,
+                                                                              "min_accuracy": promotion.min_accuracy}},
     }
     return {"ops": ops}
 

@@ -2,15 +2,25 @@
 
 A candidate version carries its per-question benchmark outcomes as an artifact of its benchmark run, so a
 later candidate can be tested against the champion question by question (sftkey.compare's paired tests).
+
+The gate refuses a candidate that failed a check, a first champion below `min_accuracy`, a champion scored on
+another benchmark (BENCHMARK_TAG differs, even with the same question ids) and outcomes that are not booleans.
+Moving `champion` is compare-and-set under a lock: if another pipeline moved it since the gate ran, the gate runs
+again against the new champion. Registering the same weights on the same benchmark again reuses its version, and
+versions left undecided by a pipeline that died are marked `interrupted`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
+import socket
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from orchestration.tracking import PARENT_TAG
 
@@ -24,7 +34,19 @@ OUTCOMES_ARTIFACT = "outcomes.json"  # {question id: correct} of the benchmark r
 
 # Tags on a model version: its benchmark run (evidence for the next gate) and what the gate decided.
 BENCHMARK_RUN_TAG = "sftkey.benchmark_run_id"
-DECISION_TAG = "promotion.decision"  # promoted | refused
+BENCHMARK_TAG = "sftkey.benchmark"  # JSON of benchmark_identity(): only versions with equal ones are compared
+WEIGHTS_TAG = "sftkey.weights_sha256"  # with BENCHMARK_TAG: what makes a registration a rerun of an earlier one
+PIPELINE_RUN_TAG = "sftkey.pipeline_run_id"  # the MLflow parent run that registered the version
+REGISTERED_BY_TAG = "sftkey.registered_by"  # host:pid of that process, to tell a live registration from an orphan
+DECISION_TAG = "promotion.decision"  # promoted | refused | interrupted (its pipeline died before the gate)
+COMPARED_WITH_TAG = "promotion.champion_version"  # the champion the gate compared with (compare-and-set)
+
+DEFAULT_MIN_ACCURACY = 0.05  # strict accuracy the first champion needs: an untrained model scores ~0
+
+# The summary.json fields (sftkey.evaluate) that decide which questions were asked and how: the records' content
+# version covers the file, carve and subsample; the rest are the prompt format and the generation settings.
+BENCHMARK_KEYS = ("dataset", "split", "limit", "data_version", "n_questions", "tagged", "dtype", "max_new_tokens",
+                  "temperature", "sampling_seed", "exclude_training_questions")
 
 
 @dataclass(frozen=True)
@@ -40,6 +62,9 @@ class Decision:
     p_value: float | None = None
     margin_points: float = 0.0
     champion_version: str | None = None
+    alpha: float = 0.05
+    min_accuracy: float = DEFAULT_MIN_ACCURACY
+    failed_checks: tuple[str, ...] = ()
 
     def tags(self) -> dict[str, str]:
         """The decision as registry tags (`promotion.*`), every field present so a reader never guesses."""
@@ -47,27 +72,79 @@ class Decision:
                 **{f"promotion.{k}": json.dumps(v) for k, v in asdict(self).items() if k != "promote"}}
 
 
+class GateSettingError(ValueError):
+    """A gate setting that would let any candidate through (negative, NaN or infinite margin, ...)."""
+
+
+def check_gate_settings(margin_points: float, alpha: float, min_accuracy: float) -> None:
+    """The gate's settings are finite and in range (the pipeline config checks them at load time too)."""
+    if not (math.isfinite(margin_points) and margin_points >= 0):
+        raise GateSettingError(f"promotion.margin_points must be a finite number >= 0, got {margin_points}")
+    if not 0 < alpha < 1:
+        raise GateSettingError(f"promotion.alpha must be in (0, 1), got {alpha}")
+    if not 0 <= min_accuracy <= 1:
+        raise GateSettingError(f"promotion.min_accuracy must be in [0, 1], got {min_accuracy}")
+
+
+def benchmark_identity(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a benchmark's outcomes, from its summary.json: two versions are compared only when equal."""
+    return {key: summary.get(key) for key in BENCHMARK_KEYS}
+
+
+def benchmark_difference(candidate: Mapping | None, champion: Mapping | None) -> str | None:
+    """Why two benchmark identities do not pair (None when they do)."""
+    if candidate is None or champion is None:
+        which = "the candidate" if candidate is None else "the champion"
+        return f"{which} records no benchmark identity ({BENCHMARK_TAG} tag)"
+    differ = [f"{k} {champion.get(k)!r} vs {candidate.get(k)!r}" for k in sorted(set(candidate) | set(champion))
+              if candidate.get(k) != champion.get(k)]
+    return "; ".join(differ) or None
+
+
+def accuracy_of(outcomes: Mapping[str, bool]) -> float:
+    return sum(outcomes.values()) / len(outcomes) if outcomes else 0.0
+
+
 def decide(candidate: Mapping[str, bool], champion: Mapping[str, bool] | None, margin_points: float,
-           alpha: float, champion_version: str | None = None) -> Decision:
-    """Promote when there is no champion, or when the candidate beats it by `margin_points` accuracy points
-    with a significant paired difference (sftkey.compare: bootstrap interval excludes 0 and exact p < alpha)."""
+           alpha: float, champion_version: str | None = None, *, min_accuracy: float = DEFAULT_MIN_ACCURACY,
+           failed_checks: Sequence[str] = (), candidate_benchmark: Mapping | None = None,
+           champion_benchmark: Mapping | None = None) -> Decision:
+    """Refuse a candidate that failed a check; with no champion, promote one that reaches `min_accuracy`; else
+    promote only on the same benchmark when it beats the champion by `margin_points` accuracy points with a
+    significant paired difference (sftkey.compare: an exact sign test over the questions, p < alpha)."""
     from sftkey.compare import compare_arms
 
-    accuracy = sum(map(bool, candidate.values())) / len(candidate) if candidate else 0.0
+    check_gate_settings(margin_points, alpha, min_accuracy)
+    accuracy = accuracy_of(candidate)
+    settings = dict(margin_points=margin_points, alpha=alpha, min_accuracy=min_accuracy,
+                    failed_checks=tuple(failed_checks))
+    if failed_checks:
+        return Decision(False, f"the candidate failed checks: {', '.join(failed_checks)}; fix them and rerun",
+                        accuracy, champion_version=champion_version, **settings)
+    if not candidate:
+        return Decision(False, "the candidate answered no questions", accuracy, **settings)
     if champion is None:
-        return Decision(True, "no champion yet: the first candidate becomes champion", accuracy,
-                        margin_points=margin_points)
-    champion_accuracy = sum(map(bool, champion.values())) / len(champion) if champion else 0.0
+        if accuracy < min_accuracy:
+            return Decision(False, f"no champion yet, and strict accuracy {accuracy:.3f} is below the floor for a "
+                            f"first champion (promotion.min_accuracy {min_accuracy:.3f})", accuracy, **settings)
+        return Decision(True, f"no champion yet: strict accuracy {accuracy:.3f} reaches promotion.min_accuracy "
+                        f"{min_accuracy:.3f}; the first candidate becomes champion", accuracy, **settings)
+    champion_accuracy = accuracy_of(champion)
+    other_benchmark = benchmark_difference(candidate_benchmark, champion_benchmark)
+    if other_benchmark:
+        return Decision(False, f"the champion (version {champion_version}) was scored on another benchmark "
+                        f"({other_benchmark}): benchmark both the same way", accuracy, champion_accuracy,
+                        champion_version=champion_version, **settings)
     if set(candidate) != set(champion):
         return Decision(False, f"the champion (version {champion_version}) was scored on other questions "
                         f"({len(champion)} vs {len(candidate)}; {len(set(candidate) ^ set(champion))} differ): "
                         "benchmark both on the same questions", accuracy, champion_accuracy,
-                        margin_points=margin_points, champion_version=champion_version)
+                        champion_version=champion_version, **settings)
     result = compare_arms({"candidate": {0: candidate}, "champion": {0: champion}}, "candidate", "champion",
                           alpha=alpha)
     evidence = dict(candidate_accuracy=accuracy, champion_accuracy=champion_accuracy,
                     difference_points=result.difference, ci_points=result.ci, p_value=result.p_value,
-                    margin_points=margin_points, champion_version=champion_version)
+                    champion_version=champion_version, **settings)
     if result.difference < margin_points:
         return Decision(False, f"{result.verdict()}; below the margin of {margin_points:+.1f} points", **evidence)
     if not result.significant:
@@ -75,19 +152,98 @@ def decide(candidate: Mapping[str, bool], champion: Mapping[str, bool] | None, m
     return Decision(True, f"{result.verdict()}; beats the champion by the margin", **evidence)
 
 
-def register_candidate(client: "MlflowClient", name: str, model_uri: str, run_id: str,
-                       tags: dict[str, str]) -> "ModelVersion":
-    """A new version of `name` from a logged model, aliased `challenger`."""
+def promotion_lock(tracking_uri: str, name: str):
+    """A file lock held while registering or moving `champion`: MLflow has no compare-and-set on aliases. Beside a
+    sqlite store it serializes every process using that store; for a server, the processes of this host."""
+    from filelock import FileLock
+
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    else:
+        folder = Path(tempfile.gettempdir())
+    digest = hashlib.sha256(f"{tracking_uri}|{name}".encode()).hexdigest()[:16]
+    return FileLock(str(folder / f".sftkey-promotion-{digest}.lock"))
+
+
+def registration_tags(parent_run_id: str | None) -> dict[str, str]:
+    """Who registers: the pipeline's parent run and this process (host:pid)."""
+    return {PIPELINE_RUN_TAG: parent_run_id or "", REGISTERED_BY_TAG: f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def _registration_alive(client: "MlflowClient", version: "ModelVersion") -> bool:
+    """Whether the pipeline run that registered `version` may still decide on it: its parent run is RUNNING and,
+    on this host, its process exists."""
     from mlflow.exceptions import MlflowException
 
+    parent = version.tags.get(PIPELINE_RUN_TAG)
+    host, _, pid = version.tags.get(REGISTERED_BY_TAG, "").rpartition(":")
     try:
-        client.create_registered_model(name)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(name, source=model_uri, run_id=run_id,
-                                          tags={k: str(v) for k, v in tags.items()})
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
+        if parent and client.get_run(parent).info.status != "RUNNING":
+            return False
+    except MlflowException:
+        return False
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, another user's
+            return True
+    return True
+
+
+def _undecided(client: "MlflowClient", name: str) -> list["ModelVersion"]:
+    """Versions registered by a pipeline (they carry PIPELINE_RUN_TAG) that no gate has decided on yet."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    return [v for v in versions if PIPELINE_RUN_TAG in v.tags and DECISION_TAG not in v.tags]
+
+
+def _same_candidate(client: "MlflowClient", name: str, tags: Mapping[str, str]) -> "ModelVersion | None":
+    """The version registered earlier for the same weights and benchmark, if any (the lowest number)."""
+    weights, benchmark = tags.get(WEIGHTS_TAG), tags.get(BENCHMARK_TAG)
+    if not weights or not benchmark:
+        return None
+    same = [v for v in client.search_model_versions(f"name = '{name}'")
+            if v.tags.get(WEIGHTS_TAG) == weights and v.tags.get(BENCHMARK_TAG) == benchmark]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def mark_interrupted(client: "MlflowClient", name: str, keep: str | None = None) -> list[str]:
+    """Decide orphans: versions whose registering pipeline ended before its gate ran become `interrupted`."""
+    marked = []
+    for version in _undecided(client, name):
+        if str(version.version) == keep or _registration_alive(client, version):
+            continue
+        reason = (f"pipeline run {version.tags.get(PIPELINE_RUN_TAG) or '?'} ended before the promotion gate "
+                  "decided on this version; it was never compared and is not a candidate")
+        client.set_model_version_tag(name, str(version.version), "promotion.reason", json.dumps(reason))
+        client.set_model_version_tag(name, str(version.version), DECISION_TAG, "interrupted")
+        marked.append(str(version.version))
+    return marked
+
+
+def register_candidate(client: "MlflowClient", name: str, model_uri: str, run_id: str,
+                       tags: dict[str, str], tracking_uri: str | None = None) -> "ModelVersion":
+    """The candidate as a version of `name`, aliased `challenger`: the earlier version of the same weights and
+    benchmark when there is one (a rerun adds no version), else a new one. Orphans are marked on the way."""
+    from mlflow.exceptions import MlflowException
+
+    tags = {k: str(v) for k, v in tags.items()}
+    with promotion_lock(tracking_uri or client.tracking_uri, name):
+        try:
+            client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = _same_candidate(client, name, tags)
+        mark_interrupted(client, name, keep=None if version is None else str(version.version))
+        if version is None:
+            version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+        elif DECISION_TAG not in version.tags:  # an orphan of the same weights: this run decides on it
+            for key in (PIPELINE_RUN_TAG, REGISTERED_BY_TAG):
+                if key in tags:
+                    client.set_model_version_tag(name, str(version.version), key, tags[key])
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
     return version
 
 
@@ -100,32 +256,97 @@ def version_by_alias(client: "MlflowClient", name: str, alias: str) -> "ModelVer
         return None
 
 
+class OutcomesError(ValueError):
+    """A version's outcomes.json is not a mapping of question id to true/false."""
+
+
+def check_outcomes(outcomes: Any, where: str) -> dict[str, bool]:
+    """`outcomes` as {question id: bool}; anything else (1, "yes", null, a list) is refused, never coerced."""
+    if not isinstance(outcomes, dict):
+        raise OutcomesError(f"{where}: {OUTCOMES_ARTIFACT} is a {type(outcomes).__name__}, not a mapping of "
+                            "question id to true/false")
+    bad = [(uid, value) for uid, value in outcomes.items() if not isinstance(value, bool)]
+    if bad:
+        uid, value = bad[0]
+        raise OutcomesError(f"{where}: {OUTCOMES_ARTIFACT} has {len(bad)} non-boolean outcomes (e.g. {uid!r}: "
+                            f"{value!r}); outcomes must be true or false")
+    return outcomes
+
+
 def version_outcomes(client: "MlflowClient", version: "ModelVersion") -> dict[str, bool]:
-    """The per-question outcomes that a version's benchmark run logged."""
+    """The per-question outcomes that a version's benchmark run logged, checked to be booleans."""
+    where = f"model version {version.name} v{version.version}"
     run_id = version.tags.get(BENCHMARK_RUN_TAG)
     if not run_id:
-        raise ValueError(f"model version {version.name} v{version.version} has no {BENCHMARK_RUN_TAG} tag: "
-                         "register it through the pipeline (registered_model) so it carries its benchmark")
+        raise OutcomesError(f"{where} has no {BENCHMARK_RUN_TAG} tag: register it through the pipeline "
+                            "(registered_model) so it carries its benchmark")
     with tempfile.TemporaryDirectory(prefix="sftkey-outcomes-") as tmp:
         path = client.download_artifacts(run_id, OUTCOMES_ARTIFACT, tmp)
-        return json.loads(Path(path).read_text())
+        try:
+            outcomes = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise OutcomesError(f"{where}: {OUTCOMES_ARTIFACT} is not JSON ({error})") from None
+    return check_outcomes(outcomes, where)
 
 
-def evaluate_gate(client: "MlflowClient", name: str, version: str, margin_points: float,
-                  alpha: float) -> Decision:
-    """Decide on `version` against the current champion and record the decision and evidence as its tags."""
+def version_benchmark(version: "ModelVersion") -> dict | None:
+    text = version.tags.get(BENCHMARK_TAG)
+    return json.loads(text) if text else None
+
+
+def evaluate_gate(client: "MlflowClient", name: str, version: str, margin_points: float, alpha: float,
+                  min_accuracy: float = DEFAULT_MIN_ACCURACY, failed_checks: Sequence[str] = ()) -> Decision:
+    """Decide on `version` against the current champion and record the decision and evidence as its tags
+    (the `promotion.decision` tag last: a crash mid-way leaves the version undecided, never half-decided)."""
+    check_gate_settings(margin_points, alpha, min_accuracy)
     candidate = client.get_model_version(name, version)
     champion = version_by_alias(client, name, CHAMPION)
-    decision = decide(version_outcomes(client, candidate),
-                      None if champion is None else version_outcomes(client, champion), margin_points, alpha,
-                      None if champion is None else str(champion.version))  # MLflow gives int or str by call
-    for key, value in decision.tags().items():
+    champion_version = None if champion is None else str(champion.version)  # MLflow gives int or str by call
+    if champion_version == str(version):  # a rerun of the champion itself: keep its decision and evidence
+        return Decision(True, f"version {version} is already the champion", float("nan"),
+                        champion_version=champion_version, margin_points=margin_points, alpha=alpha,
+                        min_accuracy=min_accuracy)
+    settings = dict(min_accuracy=min_accuracy, failed_checks=failed_checks,
+                    candidate_benchmark=version_benchmark(candidate),
+                    champion_benchmark=None if champion is None else version_benchmark(champion))
+    try:
+        candidate_outcomes = version_outcomes(client, candidate)
+        champion_outcomes = None if champion is None else version_outcomes(client, champion)
+        decision = decide(candidate_outcomes, champion_outcomes, margin_points, alpha, champion_version, **settings)
+    except OutcomesError as error:
+        decision = Decision(False, f"unusable outcomes: {error}", float("nan"), champion_version=champion_version,
+                            margin_points=margin_points, alpha=alpha, min_accuracy=min_accuracy,
+                            failed_checks=tuple(failed_checks))
+    tags = decision.tags()
+    for key, value in sorted(tags.items(), key=lambda item: item[0] == DECISION_TAG):
         client.set_model_version_tag(name, version, key, value)
     return decision
 
 
-def promote(client: "MlflowClient", name: str, version: str) -> None:
-    client.set_registered_model_alias(name, CHAMPION, version)
+def promote(client: "MlflowClient", name: str, version: str, tracking_uri: str | None = None) -> Decision:
+    """Compare-and-set: move `champion` to `version` only if the champion is still the one its gate compared
+    with; if another pipeline moved it since, run the gate again against the new champion first."""
+    with promotion_lock(tracking_uri or client.tracking_uri, name):
+        tags = client.get_model_version(name, version).tags
+        if tags.get(DECISION_TAG) != "promoted":
+            return Decision(False, f"version {version} has no promoted decision from the gate "
+                            f"({DECISION_TAG}: {tags.get(DECISION_TAG)})", float("nan"))
+        current = version_by_alias(client, name, CHAMPION)
+        current_version = None if current is None else str(current.version)
+        if current_version == str(version):
+            return Decision(True, f"version {version} is already the champion", float("nan"),
+                            champion_version=current_version)
+        decision = Decision(True, json.loads(tags.get("promotion.reason", '""')), float("nan"),
+                            champion_version=current_version)
+        if json.loads(tags.get(COMPARED_WITH_TAG, "null")) != current_version:
+            setting = {k: json.loads(tags[f"promotion.{k}"]) for k in ("margin_points", "alpha", "min_accuracy")}
+            decision = evaluate_gate(client, name, version, **setting,
+                                     failed_checks=json.loads(tags.get("promotion.failed_checks", "[]")))
+            if not decision.promote:
+                return replace(decision, reason=f"the champion changed to version {current_version} after the "
+                               f"gate ran; against it: {decision.reason}")
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return decision
 
 
 @dataclass(frozen=True)

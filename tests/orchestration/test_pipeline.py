@@ -145,11 +145,13 @@ def test_rerun_reuses_every_checkpoint_and_keeps_its_own_outputs(smoke_run):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no checkpoint rewritten
     assert second.run_dir != first.run_dir
     assert Path(first.comparison["folder"], "comparison.md").read_text() == first.comparison["table"]
-    # The same model again: the gate refuses it (no gain), the champion stays.
-    assert second.decision["promotion.decision"] == "refused"
-    assert json.loads(second.decision["promotion.difference_points"]) == 0.0
+    # The same weights on the same benchmark: registration reuses version 1 (the champion), adds none.
+    assert (second.registered["version"], second.registered["reused"]) == ("1", True)
+    assert (second.promoted, second.promotion_reason) == (True, "version 1 is already the champion")
+    assert second.decision["promotion.decision"] == "promoted"  # its first decision and evidence are kept
     client = resources(smoke_run.config)["tracking"].client()
     assert str(version_by_alias(client, "sftkey-smoke", CHAMPION).version) == "1"
+    assert len(client.search_model_versions("name = 'sftkey-smoke'")) == 1
 
 
 def test_a_crashed_stage_resumes_from_its_checkpoint(smoke_run, monkeypatch, caplog):

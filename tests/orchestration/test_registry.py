@@ -1,5 +1,5 @@
 """The promotion gate: the decision on fixed outcomes (exact numbers), then the same gate on a real sqlite MLflow
-registry: first champion, promote, refuse."""
+registry: first champion, promote, refuse. The ways to fool the gate are in test_promotion.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from orchestration.registry import (
     BENCHMARK_RUN_TAG,
+    BENCHMARK_TAG,
     CHALLENGER,
     CHAMPION,
     OUTCOMES_ARTIFACT,
@@ -20,6 +21,10 @@ from orchestration.registry import (
 )
 
 QUESTIONS = [f"q{i}" for i in range(10)]
+BENCH = {"dataset": "svamp", "split": "test", "limit": 10, "data_version": "abc", "n_questions": 10, "tagged": True,
+         "dtype": "float32", "max_new_tokens": 40, "temperature": 0.0, "sampling_seed": 0,
+         "exclude_training_questions": False}
+SAME = dict(candidate_benchmark=BENCH, champion_benchmark=BENCH)
 
 
 def outcomes(right: set[int]) -> dict[str, bool]:
@@ -33,13 +38,14 @@ STRONG = outcomes({0, 1, 2, 3, 4, 5, 6, 7})  # 8 of 10, a superset of WEAK: 6 di
 def test_no_champion_promotes_the_first_candidate():
     decision = decide(WEAK, None, margin_points=1.0, alpha=0.05)
     assert decision.promote is True
-    assert decision.reason == "no champion yet: the first candidate becomes champion"
+    assert decision.reason == ("no champion yet: strict accuracy 0.200 reaches promotion.min_accuracy 0.050; "
+                               "the first candidate becomes champion")
     assert decision.candidate_accuracy == 0.2
     assert decision.tags()["promotion.decision"] == "promoted"
 
 
 def test_a_significantly_better_candidate_is_promoted():
-    decision = decide(STRONG, WEAK, margin_points=1.0, alpha=0.05, champion_version="3")
+    decision = decide(STRONG, WEAK, margin_points=1.0, alpha=0.05, champion_version="3", **SAME)
     assert decision.promote is True
     assert decision.difference_points == 60.0
     assert decision.p_value == 0.03125  # exact McNemar: 2 * (1/2)^6
@@ -50,7 +56,7 @@ def test_a_significantly_better_candidate_is_promoted():
 
 
 def test_a_gain_below_the_margin_is_refused():
-    decision = decide(STRONG, WEAK, margin_points=70.0, alpha=0.05)
+    decision = decide(STRONG, WEAK, margin_points=70.0, alpha=0.05, **SAME)
     assert decision.promote is False
     assert decision.reason.endswith("below the margin of +70.0 points")
     assert decision.tags()["promotion.decision"] == "refused"
@@ -58,7 +64,7 @@ def test_a_gain_below_the_margin_is_refused():
 
 def test_a_gain_that_is_not_significant_is_refused():
     one_more = outcomes({0, 1, 2})  # one discordant pair: p = 1
-    decision = decide(one_more, WEAK, margin_points=1.0, alpha=0.05)
+    decision = decide(one_more, WEAK, margin_points=1.0, alpha=0.05, **SAME)
     assert decision.promote is False
     assert decision.difference_points == 10.0
     assert decision.p_value == 1.0
@@ -67,7 +73,7 @@ def test_a_gain_that_is_not_significant_is_refused():
 
 def test_different_questions_are_refused_without_a_test():
     other = {f"x{i}": True for i in range(10)}
-    decision = decide(other, WEAK, margin_points=1.0, alpha=0.05, champion_version="1")
+    decision = decide(other, WEAK, margin_points=1.0, alpha=0.05, champion_version="1", **SAME)
     assert decision.promote is False
     assert decision.p_value is None
     assert "scored on other questions (10 vs 10; 20 differ)" in decision.reason
@@ -94,7 +100,7 @@ def candidate(client, tmp_path, name: str, correct: dict[str, bool]) -> str:
     (folder / "config.json").write_text("{}")
     client.log_artifacts(model_run, str(folder), "model")
     version = register_candidate(client, "gate-model", f"runs:/{model_run}/model", model_run,
-                                 {BENCHMARK_RUN_TAG: bench, "sftkey.arm": name})
+                                 {BENCHMARK_RUN_TAG: bench, BENCHMARK_TAG: json.dumps(BENCH), "sftkey.arm": name})
     return str(version.version)
 
 
