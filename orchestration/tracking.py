@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import dagster as dg
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from pydantic import PrivateAttr
 
 from sftkey.errors import UserError
@@ -32,6 +34,10 @@ DAGSTER_RUN_TAG = "dagster.run_id"
 PIPELINE_RUN_TAG = "sftkey.pipeline_run"  # set on the parent run: one per pipeline run
 ASSET_TAG = "dagster.asset"
 PARTITION_TAG = "dagster.partition"
+PID_TAG = "sftkey.pid"  # the process writing a run, and its host: a later pipeline reaps runs whose process is gone
+HOST_TAG = "sftkey.host"
+REAPED_TAG = "sftkey.reaped"
+LOCK_TIMEOUT_S = 60.0  # creating or migrating a new sqlite store takes seconds; never wait forever on its lock
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value; longer ones are logged as a JSON artifact instead
 
 
@@ -56,27 +62,104 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "token", "secret", "key", "credential", "auth", "signature")
+REDACTED = "***"
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]*)(?P<password>:[^\s/@]*)?@")
+_SECRET_QUERY = re.compile(r"(?P<key>[?&;](?:[^\s=&#]*(?:%s)[^\s=&#]*)=)[^\s&#]*" % "|".join(SECRET_QUERY_KEYS),
+                           re.IGNORECASE)
+
+
+def redact(uri: str) -> str:
+    """`uri` (or any text holding URIs) with its credentials replaced by ***: the password of `user:pw@host`,
+    a lone `token@host` (a user name alone is often a token) and the values of password/token/... query keys."""
+
+    def userinfo(match: re.Match) -> str:
+        user = f"{match['user']}:" if match["password"] else ""
+        return f"{match['scheme']}{user}{REDACTED}@"
+
+    return _SECRET_QUERY.sub(lambda m: m["key"] + REDACTED, _USERINFO.sub(userinfo, uri))
+
+
+def redact_values(value: Any) -> Any:
+    """Every string inside a nested dict/list redacted (a config about to be logged)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_values(v) for v in value]
+    return value
+
+
 def probe(tracking_uri: str, timeout_s: float) -> str | None:
-    """None when the store answers; otherwise why not (a short reason for the error message)."""
+    """None when the store is usable; otherwise what is wrong, completing "MLflow tracking store X ..."."""
     if tracking_uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as reply:
-                return None if reply.status == 200 else f"/health answered HTTP {reply.status}"
-        except (urllib.error.URLError, OSError) as error:
-            return str(getattr(error, "reason", error))
+        return _probe_server(tracking_uri.rstrip("/"), timeout_s)
     if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            return f"cannot create {folder}: {error.strerror}"
-        return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
+        return _probe_sqlite(Path(tracking_uri.removeprefix("sqlite:///")))
     try:
         from mlflow import MlflowClient
 
         MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as error:  # any backend, any failure: the caller turns it into one clear message
-        return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        return f"did not answer ({type(error).__name__}: {redact(str(error).splitlines()[0][:200] if str(error) else '')})"
+    return None
+
+
+SEARCH_ENDPOINT = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _probe_server(base: str, timeout_s: float) -> str | None:
+    """A server that answers is MLflow only when its REST API answers with JSON (an HTML page or a 404 is not)."""
+    try:
+        with urllib.request.urlopen(_authorized(base + SEARCH_ENDPOINT), timeout=timeout_s) as reply:
+            body, kind = reply.read(1_000_000), reply.headers.get_content_type()
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            return f"refused the request (HTTP {error.code}): set MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN"
+        return f"answered, but not as an MLflow server (GET {SEARCH_ENDPOINT}: HTTP {error.code})"
+    except (urllib.error.URLError, OSError) as error:
+        return f"did not answer ({redact(str(getattr(error, 'reason', error)))})"
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if kind != "application/json" or not isinstance(parsed, dict):
+        return f"answered, but not as an MLflow server (GET {SEARCH_ENDPOINT}: {kind}, not MLflow's JSON)"
+    return None
+
+
+def _authorized(url: str) -> urllib.request.Request:
+    """A request as MLflow's client sends it: credentials from the URL's user:password (which urllib would take
+    for part of the host) or from MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, as an Authorization header."""
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    user = urllib.parse.unquote(parts.username or "") or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = urllib.parse.unquote(parts.password or "") or os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    headers = ({"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()} if user
+               else {"Authorization": f"Bearer {token}"} if token else {})
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), headers=headers)
+
+
+def _probe_sqlite(database: Path) -> str | None:
+    """The database's folder must take a new file and an existing database must open for writing: checked
+    here, because sqlite and the lock beside it would otherwise wait forever on a path they cannot write."""
+    folder = database.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sftkey-probe-"):
+            pass
+        if database.exists():
+            with open(database, "r+b"):
+                pass
+    except OSError as error:
+        where = error.filename or folder
+        return f"is not writable ({where}: {error.strerror or error}); point tracking.tracking_uri at a writable path"
     return None
 
 
@@ -87,11 +170,42 @@ def open_client(tracking_uri: str) -> "MlflowClient":
 
     lock = (Path(tracking_uri.removeprefix("sqlite:///") + ".lock") if tracking_uri.startswith("sqlite:///")
             else None)
-    with FileLock(str(lock)) if lock else contextlib.nullcontext():
-        client = mlflow.MlflowClient(tracking_uri)
-        client.search_experiments(max_results=1)  # the tracking store creates or migrates the tables here
-        client.search_registered_models(max_results=1)  # and the registry store here
+    try:
+        with FileLock(str(lock), timeout=LOCK_TIMEOUT_S) if lock else contextlib.nullcontext():
+            client = mlflow.MlflowClient(tracking_uri)
+            client.search_experiments(max_results=1)  # the tracking store creates or migrates the tables here
+            client.search_registered_models(max_results=1)  # and the registry store here
+    except Timeout:
+        raise TrackingUnavailable(f"MLflow tracking store {redact(tracking_uri)}: {lock} stayed locked for "
+                                  f"{LOCK_TIMEOUT_S:.0f} s; another process is creating the database, or left the "
+                                  f"lock behind: retry, or delete {lock} when no sftkey process runs") from None
     return client
+
+
+def owner_tags() -> dict[str, str]:
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still exists (a zombie counts as gone: it will never end its runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): os.kill said it exists
+        return True
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, as Python or Dagster delivers it inside a step (a killed run, not a failed one)."""
+    return isinstance(error, KeyboardInterrupt) or type(error).__name__ in INTERRUPT_ERRORS
+
+
+INTERRUPT_ERRORS = ("DagsterExecutionInterruptedError", "PipelineInterrupt")
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
@@ -213,12 +327,12 @@ class MlflowResource(dg.ConfigurableResource):
             self._resolved_uri = self.tracking_uri
         elif self.fallback_tracking_uri and probe(self.fallback_tracking_uri, self.timeout_s) is None:
             if log:
-                log.warning(f"MLflow at {self.tracking_uri} did not answer ({why}); "
-                            f"tracking to {self.fallback_tracking_uri} instead")
+                log.warning(f"MLflow at {redact(self.tracking_uri)} {why}; "
+                            f"tracking to {redact(self.fallback_tracking_uri)} instead")
             self._resolved_uri = self.fallback_tracking_uri
         else:
             raise TrackingUnavailable(
-                f"MLflow tracking store {self.tracking_uri} did not answer ({why}). Nothing was trained. "
+                f"MLflow tracking store {redact(self.tracking_uri)} {why}. Nothing was trained. "
                 "Start it (`sftkey ui` starts one on 127.0.0.1:5000), point tracking.tracking_uri at a running "
                 "server, or set tracking.fallback_tracking_uri (e.g. sqlite:///.sftkey-work/mlflow/mlflow.db) "
                 "to track locally when it is down."
@@ -254,7 +368,7 @@ class MlflowResource(dg.ConfigurableResource):
     def start_pipeline_run(self, name: str, tags: dict[str, str] | None = None) -> str:
         """A parent run for one pipeline run; its id goes into `parent_run_id` of every asset's resource."""
         run = self.client().create_run(self.experiment_id(), run_name=name,
-                                       tags={PIPELINE_RUN_TAG: name, **(tags or {})})
+                                       tags={PIPELINE_RUN_TAG: name, **owner_tags(), **(tags or {})})
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
@@ -279,16 +393,41 @@ class MlflowResource(dg.ConfigurableResource):
         partition = context.partition_key if context.has_partition_key else None
         dagster_run = context.run.run_id
         run_tags = {PARENT_TAG: self.parent_for(dagster_run), DAGSTER_RUN_TAG: dagster_run, ASSET_TAG: asset,
+                    **owner_tags(),
                     **({PARTITION_TAG: str(partition)} if partition else {}), **(tags or {})}
         run_name = f"{asset}[{partition}]" if partition else asset
         run = client.create_run(self.experiment_id(), run_name=run_name, tags=run_tags)
         tracker = MlflowTracker(client, run.info.run_id)
         try:
             yield tracker
-        except BaseException:
-            client.set_terminated(run.info.run_id, "FAILED")
+        except BaseException as error:
+            client.set_terminated(run.info.run_id, "KILLED" if is_interrupt(error) else "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
+
+    def reap_dead_runs(self, reaper: str) -> list[str]:
+        """Mark KILLED the RUNNING runs of this experiment whose process is gone (kill -9, a crash); runs of a
+        live process or of another host are left alone. Returns the ids marked."""
+        client = self.client()
+        host = socket.gethostname()
+        reaped = []
+        running = client.search_runs([self.experiment_id()], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = "
+                                     f"'{host}'", max_results=1000)
+        for run in running:
+            pid = int(run.data.tags.get(PID_TAG, "0") or 0)
+            if pid and not process_alive(pid):
+                client.set_tag(run.info.run_id, REAPED_TAG, f"process {pid} on {host} was gone; marked KILLED by "
+                                                            f"{reaper}")
+                client.set_terminated(run.info.run_id, "KILLED")
+                reaped.append(run.info.run_id)
+        return reaped
+
+    def end_open_children(self, parent_run_id: str, status: str = "KILLED") -> None:
+        """End the parent's asset runs still RUNNING (an interrupted step may not have ended its own)."""
+        client = self.client()
+        for run in client.search_runs([self.experiment_id()], f"attributes.status = 'RUNNING' and "
+                                      f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000):
+            client.set_terminated(run.info.run_id, status)
 
     def run_url(self, run_id: str) -> str:
         return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id()}/runs/{run_id}"

@@ -2,7 +2,8 @@
 on 127.0.0.1, both reading this project's stores; Ctrl-C stops both.
 
 `dagster dev` ignores SIGTERM (it stops on SIGINT), and a child started from a script may inherit an ignored
-SIGINT: each child gets the default SIGINT handler back before it starts.
+SIGINT: each child gets the default SIGINT handler back before it starts. Each server runs under a guard
+(orchestration/guard.py) that takes its whole process tree down when `sftkey ui` ends, even by kill -9.
 """
 
 from __future__ import annotations
@@ -17,14 +18,22 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestration import guard
 from orchestration.config import PipelineConfig, default_tracking_uri
 from orchestration.tracking import default_artifact_location
+from sftkey.errors import UserError
 
 DAGSTER_PORT = 3000
 MLFLOW_PORT = 5000
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 90.0  # dagster dev on 2 cores: ~15 s; mlflow server: ~9 s
-STOP_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = guard.STOP_TIMEOUT_S + 10.0  # the guard's own SIGINT-then-SIGKILL of its server comes first
+
+
+class ServerFailed(UserError, RuntimeError):
+    """A UI server exited or did not answer while starting; the message names its log."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -33,10 +42,6 @@ class Service:
     url: str
     health_url: str
     process: subprocess.Popen
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def mlflow_command(config: PipelineConfig, port: int) -> list[str] | None:
@@ -82,8 +87,9 @@ def start(config: PipelineConfig, dagster_port: int = DAGSTER_PORT, mlflow_port:
     try:
         for name, command, url, health in commands:
             log = open(log_dir / f"{name}.log", "ab")
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       preexec_fn=_default_sigint, cwd=Path(__file__).resolve().parents[1])
+            process = subprocess.Popen(guard.guarded(command), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       preexec_fn=guard.parent_death_preexec(os.getpid()),
+                                       cwd=Path(__file__).resolve().parents[1])
             services.append(Service(name, url, url + health, process))
         for service in services:
             wait_until_up(service, log_dir)
@@ -97,7 +103,8 @@ def wait_until_up(service: Service, log_dir: Path, timeout_s: float = STARTUP_TI
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
-            raise RuntimeError(f"{service.name} exited with code {service.process.returncode} while starting; "
+            raise ServerFailed(f"{service.name} exited with code {service.process.returncode} while starting (is "
+                               f"{service.url} taken? pick another port with --{service.name}-port); "
                                f"see {log_dir / (service.name + '.log')}")
         try:
             with urllib.request.urlopen(service.health_url, timeout=2) as reply:
@@ -106,12 +113,12 @@ def wait_until_up(service: Service, log_dir: Path, timeout_s: float = STARTUP_TI
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"{service.name} did not answer on {service.url} within {timeout_s:.0f} s; "
+    raise ServerFailed(f"{service.name} did not answer on {service.url} within {timeout_s:.0f} s; "
                        f"see {log_dir / (service.name + '.log')} (is the port taken? pick another with --*-port)")
 
 
 def stop(services: list[Service]) -> None:
-    """SIGINT to each (the only signal dagster dev obeys), then wait; kill what is still there."""
+    """SIGINT to each guard (it stops its server's process group), then wait; kill what is still there."""
     for service in services:
         if service.process.poll() is None:
             service.process.send_signal(signal.SIGINT)

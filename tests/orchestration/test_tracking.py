@@ -1,8 +1,13 @@
 """The MLflow resource against a real sqlite store: the tracker Protocol, one run per materialization nested under
 one parent per Dagster run, failed runs marked FAILED, and an unreachable server failing before any work."""
 
-
+import http.server
 import math
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import dagster as dg
 import pytest
@@ -15,6 +20,7 @@ from orchestration.tracking import (
     TrackingUnavailable,
     flatten,
     metric_name,
+    redact,
 )
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -103,3 +109,176 @@ def test_unreachable_server_falls_back_to_a_local_store_when_configured(tmp_path
     resource = MlflowResource(tracking_uri=UNREACHABLE, fallback_tracking_uri=fallback, timeout_s=2)
     assert resource.resolve_uri() == fallback
     assert resource.client().tracking_uri == fallback
+
+
+# ---------------------------------------------------------------------------------- stores that cannot be used
+
+class _NotMlflow(http.server.BaseHTTPRequestHandler):
+    """A web server that answers, but is not MLflow: HTML for /, 404 for the MLflow REST API or everything."""
+
+    status = 200
+
+    def do_GET(self):
+        body = b"<html><body>a wiki</body></html>"
+        self.send_response(self.status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(params=[200, 404])
+def not_mlflow(request):
+    handler = type("Handler", (_NotMlflow,), {"status": request.param})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", request.param
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_server_that_answers_but_is_not_mlflow_is_refused(not_mlflow):
+    url, status = not_mlflow
+    with pytest.raises(TrackingUnavailable) as error:
+        MlflowResource(tracking_uri=url, timeout_s=2).resolve_uri()
+    what = "text/html, not MLflow's JSON" if status == 200 else "HTTP 404"
+    assert str(error.value).startswith(f"MLflow tracking store {url} answered, but not as an MLflow server "
+                                       f"(GET /api/2.0/mlflow/experiments/search?max_results=1: {what}). "
+                                       "Nothing was trained.")
+
+
+@pytest.mark.parametrize("path, why", [
+    ("/proc/sftkey-nowhere/mlflow.db", "is not writable (/proc/sftkey-nowhere: No such file or directory)"),
+    ("/etc/hostname/mlflow/mlflow.db", "is not writable (/etc/hostname/mlflow: Not a directory)"),
+])
+def test_an_unwritable_sqlite_store_is_refused_at_once(path, why):
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable) as error:
+        MlflowResource(tracking_uri=f"sqlite:///{path}").resolve_uri()
+    assert time.monotonic() - started < 5
+    assert str(error.value).startswith(f"MLflow tracking store sqlite:///{path} {why}; point tracking.tracking_uri "
+                                       "at a writable path. Nothing was trained.")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_refused(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    with pytest.raises(TrackingUnavailable, match="is not writable"):
+        MlflowResource(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").resolve_uri()
+    assert list(folder.iterdir()) == []
+
+
+def test_a_read_only_database_file_is_refused(tmp_path):
+    database = tmp_path / "mlflow.db"
+    database.write_bytes(b"")
+    database.chmod(0o444)
+    if os.geteuid() == 0:
+        pytest.skip("root opens read-only files for writing")
+    with pytest.raises(TrackingUnavailable, match=f"is not writable \\({database}: Permission denied\\)"):
+        MlflowResource(tracking_uri=f"sqlite:///{database}").resolve_uri()
+
+
+def test_a_lock_held_by_another_process_times_out_with_what_to_do(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    import orchestration.tracking as tracking_module
+
+    monkeypatch.setattr(tracking_module, "LOCK_TIMEOUT_S", 0.5)
+    database = tmp_path / "mlflow.db"
+    with FileLock(str(database) + ".lock"):  # held by this thread while another tries it, as a second process would
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(_open_error(f"sqlite:///{database}")))
+        thread.start()
+        thread.join(10)
+    assert result and isinstance(result[0], TrackingUnavailable)
+    assert str(result[0]) == (f"MLflow tracking store sqlite:///{database}: {database}.lock stayed locked for 0 s; "
+                              "another process is creating the database, or left the lock behind: retry, or delete "
+                              f"{database}.lock when no sftkey process runs")
+
+
+def _open_error(uri: str) -> BaseException | None:
+    from orchestration.tracking import open_client
+
+    try:
+        open_client(uri)
+    except BaseException as error:
+        return error
+    return None
+
+
+def test_sftkey_pipeline_with_a_bad_store_prints_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys,
+                                                                             not_mlflow):
+    from sftkey.cli import main
+    from tests.orchestration.conftest import smoke_raw, write_config
+
+    url, _ = not_mlflow
+    work = tmp_path / "work"
+    config = write_config(smoke_raw(tiny_model_dir, work, tracking={"tracking_uri": url}), tmp_path / "p.yaml")
+    started = time.monotonic()
+    assert main(["pipeline", "--config", str(config)]) == 2
+    assert time.monotonic() - started < 20
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"sftkey pipeline: error: MLflow tracking store {url} answered, but not as an MLflow server")
+    assert not (work / "store").exists() and not (work / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------- credentials
+
+@pytest.mark.parametrize("uri, shown", [
+    ("http://user:secret@mlflow.example:5000", "http://user:***@mlflow.example:5000"),
+    ("https://ghp_token123@mlflow.example/", "https://***@mlflow.example/"),
+    ("postgresql://mlflow:pw%40x@db.example:5432/mlflow?sslmode=require",
+     "postgresql://mlflow:***@db.example:5432/mlflow?sslmode=require"),
+    ("https://mlflow.example/?password=p1&user=u&access_token=t2#x",
+     "https://mlflow.example/?password=***&user=u&access_token=***#x"),
+    ("sqlite:////home/u/.sftkey-work/mlflow/mlflow.db", "sqlite:////home/u/.sftkey-work/mlflow/mlflow.db"),
+    ("http://127.0.0.1:5000/path@v2", "http://127.0.0.1:5000/path@v2"),
+    ("failed: http://u:p@h:1 and http://v:q@h:2", "failed: http://u:***@h:1 and http://v:***@h:2"),
+])
+def test_redact_hides_passwords_and_tokens(uri, shown):
+    assert redact(uri) == shown
+
+
+def test_unreachable_server_message_shows_no_password():
+    with pytest.raises(TrackingUnavailable) as error:
+        MlflowResource(tracking_uri="http://alice:hunter2@127.0.0.1:9", timeout_s=2).resolve_uri()
+    assert "hunter2" not in str(error.value)
+    assert str(error.value).startswith("MLflow tracking store http://alice:***@127.0.0.1:9 did not answer (")
+
+
+class _MlflowWithBasicAuth(http.server.BaseHTTPRequestHandler):
+    """Answers the experiments search as MLflow does, for alice:hunter2 only."""
+
+    def do_GET(self):
+        ok = self.headers.get("Authorization") == "Basic YWxpY2U6aHVudGVyMg=="  # alice:hunter2
+        body = b'{"experiments": []}' if ok else b'{"error_code": "UNAUTHENTICATED"}'
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth_and_refusal_is_named():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MlflowWithBasicAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        good = f"http://alice:hunter2@127.0.0.1:{port}"
+        assert MlflowResource(tracking_uri=good, timeout_s=2).resolve_uri() == good
+        with pytest.raises(TrackingUnavailable) as error:
+            MlflowResource(tracking_uri=f"http://alice:wrong@127.0.0.1:{port}", timeout_s=2).resolve_uri()
+        assert str(error.value).startswith(f"MLflow tracking store http://alice:***@127.0.0.1:{port} refused the "
+                                           "request (HTTP 401): set MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN.")
+    finally:
+        server.shutdown()
+        server.server_close()
