@@ -282,3 +282,32 @@ def test_credentials_in_the_url_are_sent_as_basic_auth_and_refusal_is_named():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+def test_a_real_mlflow_server_passes_the_probe(tmp_path):
+    """The other side of the not-MLflow refusals: `mlflow server` on 127.0.0.1 is accepted and takes a run."""
+    import socket
+
+    from orchestration.tracking import probe
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               "--default-artifact-root", str(tmp_path / "artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while probe(url, 2.0) is not None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert probe(url, 2.0) is None
+        resource = MlflowResource(tracking_uri=url, experiment="served")
+        run_id = resource.start_pipeline_run("probe-run")
+        resource.end_run(run_id)
+        assert resource.client().get_run(run_id).info.status == "FINISHED"
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
