@@ -262,7 +262,7 @@ def latest_pipeline_run(config_path: Path) -> tuple:
 
 
 @pytest.mark.slow
-def test_killed_pipelines_leave_nothing_running_after_the_next_run(tiny_model_dir, tmp_path):
+def test_killed_pipelines_leave_nothing_running_after_the_next_run(tiny_model_dir, shared_data, tmp_path):
     config = write_config(smoke_raw(tiny_model_dir, tmp_path / "work"), tmp_path / "pipeline.yaml")
 
     # kill -9 during data: today's state, the runs stay RUNNING/STARTED
