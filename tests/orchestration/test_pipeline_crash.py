@@ -185,10 +185,12 @@ def signal_during(process: subprocess.Popen, stage: str, after_s: float, signum:
 
 
 def signal_when_running(process: subprocess.Popen, config_path: Path, run_prefix: str, signum: int,
-                        timeout_s: float = 300) -> None:
+                        timeout_s: float = 300) -> list[str]:
     """Send `signum` once this process's pipeline run has an MLflow asset run `run_prefix...` RUNNING (runs left
-    RUNNING by an earlier killed pipeline do not count), then wait for the exit."""
+    RUNNING by an earlier killed pipeline do not count), wait for the exit; its stdout lines."""
+    lines = []
     for line in process.stdout:  # past start-up: this run has its parent run and has reaped the earlier ones
+        lines.append(line)
         if "] data: " in line:
             break
     deadline = time.monotonic() + timeout_s
@@ -199,9 +201,9 @@ def signal_when_running(process: subprocess.Popen, config_path: Path, run_prefix
             children = []
         if any(r.info.run_name.startswith(run_prefix) and r.info.status == "RUNNING" for r in children):
             process.send_signal(signum)
-            process.communicate(timeout=120)
-            return
-        time.sleep(0.2)
+            out, _ = process.communicate(timeout=120)
+            return lines + out.splitlines(keepends=True)
+        time.sleep(0.1)
     raise AssertionError(f"no {run_prefix} run of this pipeline was seen RUNNING before it ended")
 
 
@@ -274,7 +276,7 @@ def test_killed_pipelines_leave_nothing_running_after_the_next_run(tiny_model_di
 
     # kill -9 during training: this run reaps the first one's runs when it starts
     second = start_pipeline(config, tmp_path / "second.err")
-    lines = signal_during(second, "] sft_tag seed 0: ", 8, signal.SIGKILL)
+    lines = signal_when_running(second, config, "stage1_model", signal.SIGKILL)
     assert any(line.startswith("marked ") and "MLflow run(s) KILLED and 1 Dagster run(s) failed" in line
                for line in lines), lines
     running, unfinished = leftovers(config)
