@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 DEFAULT_CONFIG = "configs/regress_cpu.yaml"
 DEFAULT_BASELINE = "benchmarks/baseline_regress.json"
