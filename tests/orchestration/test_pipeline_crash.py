@@ -293,8 +293,8 @@ def test_killed_pipelines_leave_nothing_running_after_the_next_run(tiny_model_di
     assert leftovers(config) == ([], [])
     parent, children = latest_pipeline_run(config)  # the third run: its parent and its interrupted training run
     assert parent.info.status == "KILLED"
-    assert [(r.info.run_name[:6], r.info.status) for r in children if r.info.status != "FINISHED"] == [
-        ("stage1", "KILLED")]
+    # Dagster may let the running step finish before it acts on the signal: each child ended, none left RUNNING
+    assert children and {r.info.status for r in children} <= {"FINISHED", "KILLED"}
 
     # kill -9 between registration and the gate's decision: an undecided version is left behind
     fourth = start_pipeline(config, tmp_path / "fourth.err")
