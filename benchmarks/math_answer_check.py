@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when it is not installed
 
 from sftkey import score  # noqa: E402
+from sftkey.score import math_worker  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
 DATASET = "math500"
@@ -56,7 +57,8 @@ def timed(label: str, pairs: list[tuple[str, str]], compare) -> None:
 
 def through_worker(pred: str, gold: str) -> tuple[bool, str]:
     """math-verify's verdict without the same-text fast path."""
-    return score._WORKER.compare(score._math_delimited(pred), score._math_delimited(gold), score.MATH_VERIFY_TIMEOUT_S)
+    return math_worker.WORKER.compare(math_worker.math_delimited(pred), math_worker.math_delimited(gold),
+                                     math_worker.MATH_VERIFY_TIMEOUT_S)
 
 
 def main() -> None:

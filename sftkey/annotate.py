@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sftkey.data.records import DataError, Record
+from sftkey.score.extract import last_boxed
 
 CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's inline calculator calls: `<<48/2=24>>`
 
@@ -71,35 +72,36 @@ def annotation_config(strip_calculator: bool = True, answer_regex: str | None = 
     return AnnotationConfig(strip_calculator=strip_calculator, answer_regex=answer_regex)
 
 
-def split_gsm8k(solution: str, config: AnnotationConfig) -> tuple[str, str]:
-    if "####" not in solution:
+# Annotation rules, one per data set (named by its entry in sftkey.data.registry): record -> (reasoning, answer).
+
+
+def split_gsm8k(record: Record, config: AnnotationConfig) -> tuple[str, str]:
+    if "####" not in record.solution:
         raise Unannotatable("no '####' answer marker")
-    reasoning, answer = solution.rsplit("####", 1)
+    reasoning, answer = record.solution.rsplit("####", 1)
     if config.strip_calculator:
         reasoning = CALCULATOR.sub("", reasoning)
     return reasoning.strip(), answer.strip()
 
 
-def last_boxed(text: str) -> str:
-    """Content of the last `\\boxed{...}`, nested braces included."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        raise Unannotatable("no \\boxed{} answer")
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j].strip()
-    raise Unannotatable("unclosed \\boxed{")
+def split_math(record: Record, config: AnnotationConfig) -> tuple[str, str]:
+    """The whole solution is the reasoning; the answer is its last `\\boxed{}`."""
+    answer = last_boxed(record.solution)
+    if answer is None:
+        raise Unannotatable("unclosed \\boxed{" if "\\boxed" in record.solution else "no \\boxed{} answer")
+    return record.solution.strip(), answer
 
 
-def split_math(solution: str, config: AnnotationConfig) -> tuple[str, str]:
-    return solution.strip(), last_boxed(solution)
-
-
-def split_svamp(solution: str, answer: str | None) -> tuple[str, str]:
+def split_svamp(record: Record, config: AnnotationConfig) -> tuple[str, str]:
     """The equation is the reasoning, ended by its result: `( 76.0 - 25.0 ) = 51`."""
-    return f"{solution} = {answer}", answer
+    return f"{record.solution} = {record.answer}", record.answer
+
+
+def split_jsonl(record: Record, config: AnnotationConfig) -> tuple[str, str]:
+    """The answer field when the file has one, else `config.answer_regex` on the solution."""
+    if record.answer is not None:
+        return record.solution.strip(), record.answer.strip()
+    return split_by_regex(record.solution, config)
 
 
 def split_by_regex(solution: str, config: AnnotationConfig) -> tuple[str, str]:
@@ -113,17 +115,9 @@ def split_by_regex(solution: str, config: AnnotationConfig) -> tuple[str, str]:
 
 def split_solution(dataset: str, record: Record, config: AnnotationConfig) -> tuple[str, str]:
     """(reasoning, answer) by the data set's rule; raises Unannotatable with the reason."""
-    if dataset == "gsm8k":
-        return split_gsm8k(record.solution, config)
-    if dataset == "math500":
-        return split_math(record.solution, config)
-    if dataset == "svamp":
-        return split_svamp(record.solution, record.answer)
-    if dataset == "jsonl":
-        if record.answer is not None:
-            return record.solution.strip(), record.answer.strip()
-        return split_by_regex(record.solution, config)
-    raise DataError(f"no annotation rule for dataset {dataset!r}")
+    from sftkey.data.registry import dataset_spec  # inside: the registry imports the rules above
+
+    return dataset_spec(dataset).annotation_rule(record, config)
 
 
 def annotate(

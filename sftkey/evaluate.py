@@ -19,6 +19,7 @@ from sftkey.annotate import Annotated, AnnotationConfig, annotate, exclusion_cou
 from sftkey.atomic import write_text
 from sftkey.data import DataConfig, DataError, can_share_records, content_version, load_records, shared_uids
 from sftkey.data.overlap import describe, is_carved
+from sftkey.data.registry import dataset_spec
 from sftkey.errors import UserError
 from sftkey.generate import STOP_LENGTH, Generation, GenerationConfig
 
@@ -33,11 +34,6 @@ RESUME_KEYS = (
     "sampling_seed", "exclude_training_questions",
 )
 
-# New-token caps with room above each data set's tagged reference answers (SmolLM2 tokens, eos included: GSM8K test
-# p99 239, max 315; SVAMP max 56; MATH-500 median 190, p95 654, p99 893): a cap that cuts answers makes accuracy a
-# floor, and a model's own answers run longer than the references. Other data sets: GENERIC_MAX_NEW_TOKENS.
-DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 512, "svamp": 256, "math500": 1024}
-GENERIC_MAX_NEW_TOKENS = 512
 LENGTH_CAP_WARNING_SHARE = 0.05  # more answers cut by the cap than this: the summary warns
 
 
@@ -67,8 +63,8 @@ class EvalConfig:
 
 
 def default_max_new_tokens(dataset: str) -> int:
-    """The new-token cap of a data set when none is given (DEFAULT_MAX_NEW_TOKENS)."""
-    return DEFAULT_MAX_NEW_TOKENS.get(dataset, GENERIC_MAX_NEW_TOKENS)
+    """The new-token cap of a data set when none is given: its registry entry's `max_new_tokens`."""
+    return dataset_spec(dataset).max_new_tokens
 
 
 @dataclass
@@ -229,15 +225,28 @@ def read_outputs(path: Path) -> list[dict]:
 
 
 def score_row(generation: Generation, gold: str, dataset: str, tagged: bool) -> dict:
-    """The output row: the generation, the gold answer and the score fields. Never raises."""
+    """The output row: the generation, the gold answer, whether its format is judged and the score fields.
+    Never raises."""
     from sftkey.score import score_output
 
-    row = asdict(generation) | {"gold": gold}
+    row = asdict(generation) | {"gold": gold, "tagged": tagged}
     try:
         return row | score_output(generation.output, gold, dataset, tagged)
     except Exception as e:  # a scorer bug must not cost the outputs of a long run: score as wrong, say why
         return row | {"format_ok": False, "strict_correct": False, "lenient_correct": False, "pred_strict": None,
                       "pred_lenient": None, "reasoning_chars": 0, "reason": f"scoring error: {type(e).__name__}: {e}"}
+
+
+def outcomes_from_rows(rows: list[dict]) -> tuple[dict[str, bool], dict[str, bool] | None]:
+    """(strict outcome by uid, format outcome by uid) of scored `outputs.jsonl` rows; formats are None when the
+    rows are untagged (a plain arm has no format to judge)."""
+    for row in rows:  # rows written before the field, or a mix of arms, cannot say whether format counts
+        if not isinstance(row.get("tagged"), bool) or row["tagged"] != rows[0]["tagged"]:
+            raise EvalError(f"{OUTPUTS} row of uid {row['uid']!r}: 'tagged' is {row.get('tagged')!r}, expected true or "
+                            f"false, the same in every row; delete {OUTPUTS} and {SUMMARY} and evaluate again")
+    strict = {row["uid"]: bool(row["strict_correct"]) for row in rows}
+    formats = {row["uid"]: bool(row["format_ok"]) for row in rows} if rows and rows[0]["tagged"] else None
+    return strict, formats
 
 
 def metrics(rows: list[dict], tagged: bool = True) -> dict:

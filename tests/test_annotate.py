@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from sftkey.annotate import AnnotationConfig, annotate, exclusion_counts, last_boxed, Unannotatable
-from sftkey.data import DataConfig, Record, load_records
+from sftkey.annotate import AnnotationConfig, annotate, exclusion_counts
+from sftkey.data import DataConfig, DataError, Record, load_records
+from sftkey.score import last_boxed
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -25,8 +26,19 @@ def test_math_takes_the_last_boxed_with_nested_braces():
     solution = "First \\boxed{1}. So the answer is $\\boxed{\\frac{\\sqrt{3}}{2}}$."
     assert one("math500", Record("m", "q", solution)) == (solution, "\\frac{\\sqrt{3}}{2}")
     assert last_boxed("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}") == "\\left( 3, \\frac{\\pi}{2} \\right)"
-    with pytest.raises(Unannotatable, match="unclosed"):
-        last_boxed("so \\boxed{\\frac{1}{2}")
+    assert last_boxed("so \\boxed{\\frac{1}{2}") is None
+
+
+def test_math_without_a_closed_box_is_excluded_with_the_reason():
+    records = [Record("m1", "q", "so \\boxed{\\frac{1}{2}"), Record("m2", "q", "the answer is 5")]
+    kept, excluded = annotate("math500", records)
+    assert kept == []
+    assert [(e.uid, e.reason) for e in excluded] == [("m1", "unclosed \\boxed{"), ("m2", "no \\boxed{} answer")]
+
+
+def test_an_unknown_dataset_has_no_rule():
+    with pytest.raises(DataError, match="unknown dataset 'nope': choose one of \\['gsm8k', 'jsonl', 'math500', 'svamp'\\]"):
+        annotate("nope", [Record("x", "q", "s")])
 
 
 def test_svamp_reasoning_is_the_equation_and_its_result():

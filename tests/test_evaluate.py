@@ -16,6 +16,7 @@ from sftkey.evaluate import (
     EvalError,
     evaluate,
     metrics,
+    outcomes_from_rows,
     read_checkpoint_info,
     read_outputs,
     score_row,
@@ -28,7 +29,7 @@ QUESTIONS = [
     ("A box holds 12 pens. How many pens in 3 boxes?", "12 * 3 = 36", "36"),
     ("Sara had 50 dollars and spent 18. How much is left?", "50 - 18 = 32", "32"),
 ]
-ROW_KEYS = ["uid", "prompt", "output", "n_tokens", "stop_reason", "gold", "format_ok", "strict_correct",
+ROW_KEYS = ["uid", "prompt", "output", "n_tokens", "stop_reason", "gold", "tagged", "format_ok", "strict_correct",
             "lenient_correct", "pred_strict", "pred_lenient", "reasoning_chars", "reason"]
 
 
@@ -209,13 +210,17 @@ def test_eval_command_refuses_and_excludes_training_questions(checkpoint, svamp_
     assert "questions left out: the checkpoint trained on them" in capsys.readouterr().out
 
 
-def test_the_cap_defaults_to_the_data_sets(checkpoint, data_file, tmp_path):
-    from sftkey.evaluate import DEFAULT_MAX_NEW_TOKENS
+def test_the_cap_defaults_to_the_data_sets(checkpoint, data_file, tmp_path, monkeypatch):
+    import dataclasses
 
-    assert DEFAULT_MAX_NEW_TOKENS == {"gsm8k": 512, "svamp": 256, "math500": 1024}
+    from sftkey.data.registry import DATASETS
+
+    # A small cap in the registry entry keeps the random model's generation short (the real caps: test_registry).
+    monkeypatch.setitem(DATASETS, "gsm8k", dataclasses.replace(DATASETS["gsm8k"], max_new_tokens=3))
     summary = evaluate(EvalConfig(checkpoint=str(checkpoint), data=DataConfig("gsm8k", "test", path=str(data_file), limit=1),
                                   generation=GenerationConfig(batch_size=1, progress=False), out=str(tmp_path / "o")))
-    assert summary["max_new_tokens"] == 512
+    assert summary["max_new_tokens"] == 3
+    assert [r["n_tokens"] for r in read_outputs(tmp_path / "o" / OUTPUTS)] == [3]
 
 
 def test_plain_arm_has_no_format_or_composite(checkpoint, data_file, capsys, tmp_path):
@@ -257,6 +262,21 @@ def test_scores_and_metrics_of_fixed_outputs():
                              "length_cap_share": 0.2, "n": 5}
     plain = score_row(generation("f", "12 * 3 = 36\n#### 36"), "36", "gsm8k", tagged=False)
     assert (plain["strict_correct"], plain["format_ok"], plain["pred_strict"]) == (True, False, "36")
+    assert outcomes_from_rows(rows) == ({"a": True, "b": False, "c": False, "d": False, "e": False},
+                                        {"a": True, "b": True, "c": False, "d": False, "e": False})
+    assert outcomes_from_rows([plain]) == ({"f": True}, None)  # a plain arm has no format outcomes
+    assert outcomes_from_rows([]) == ({}, None)
+
+
+def test_outcomes_refuse_rows_that_cannot_say_whether_format_counts():
+    tagged = score_row(generation("a", "<Answer> 7 </Answer>"), "7", "gsm8k", True)
+    plain = score_row(generation("b", "#### 7"), "7", "gsm8k", False)
+    with pytest.raises(EvalError, match="row of uid 'b': 'tagged' is False, expected true or false, the same in every "
+                                        "row; delete outputs.jsonl and summary.json and evaluate again"):
+        outcomes_from_rows([tagged, plain])
+    older = {k: v for k, v in tagged.items() if k != "tagged"}  # a row written before the field existed
+    with pytest.raises(EvalError, match="row of uid 'a': 'tagged' is None"):
+        outcomes_from_rows([older])
 
 
 def test_a_scorer_failure_is_recorded_as_wrong_not_raised(monkeypatch):
@@ -319,7 +339,9 @@ def test_compare_command_groups_runs_by_arm_and_seed(tmp_path, capsys):
     assert "- key vs base: +50.0 points" in printed
     assert "2 seeds: seed variance cannot be estimated (fewer than 3), so this verdict is about these trained " \
            "models only" in printed
-    report = json.loads((out / "compare.json").read_text())
+    from sftkey.compare import REPORT_JSON
+
+    report = json.loads((out / REPORT_JSON).read_text())
     assert [(a["arm"], a["seeds"], a["accuracy"], a["format_accuracy"]) for a in report["arms"]] == [
         ("base", [0, 1], 0.375, 1.0), ("key", [0, 1], 0.875, 1.0)]
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

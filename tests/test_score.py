@@ -7,10 +7,8 @@ from fractions import Fraction
 import pytest
 from math_verify import parse, verify
 
-from sftkey import score
 from sftkey.score import (
     METRIC_NAMES,
-    _math_delimited,
     answers_match,
     check_format,
     extract_lenient_answer,
@@ -20,6 +18,7 @@ from sftkey.score import (
     score_output,
     summarize,
 )
+from sftkey.score.math_worker import WORKER, math_delimited
 
 GOOD = "<Thinking> 2 + 2 = 4 </Thinking> <Answer> 4 </Answer>"
 
@@ -130,7 +129,7 @@ def test_parse_number_drops_one_unit_word_when_asked():
     assert parse_number("18 dollars and 5 cents", units=True) is None
 
 
-MATCH_CASES = [  # GSM8K, SVAMP and other data sets outside MATH_DATASETS
+MATCH_CASES = [  # data sets whose answers are numbers (registry answer kind NUMBER)
     ("gsm8k", "1,000", "1000", True, "equal as numbers"),
     ("gsm8k", "1000.0", "1,000", True, "equal as numbers"),
     ("gsm8k", "$18", "18", True, "equal as numbers"),
@@ -246,7 +245,7 @@ def test_answers_match_on_math_says_what_could_not_be_read(pred, gold, reason):
     ],
 )
 def test_math_delimited(answer, expected):
-    assert _math_delimited(answer) == expected
+    assert math_delimited(answer) == expected
 
 
 def test_math_verify_timeout_returns_quickly_and_the_worker_recovers():
@@ -263,8 +262,8 @@ def test_math_verify_timeout_returns_quickly_and_the_worker_recovers():
 
 def test_a_dead_worker_is_a_wrong_answer_then_replaced():
     assert answers_match("0.5", "\\frac{1}{2}", "math500") == (True, EQUAL)
-    score._WORKER._proc.kill()  # fault injection: the worker dies between two comparisons
-    score._WORKER._proc.wait()
+    WORKER._proc.kill()  # fault injection: the worker dies between two comparisons
+    WORKER._proc.wait()
     assert answers_match("0.5", "\\frac{1}{2}", "math500") == (False, "math-verify worker died")
     assert answers_match("0.5", "\\frac{1}{2}", "math500") == (True, EQUAL)
 

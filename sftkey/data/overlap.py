@@ -11,14 +11,14 @@ import dataclasses
 from typing import Sequence
 
 from sftkey.data.records import Record
-from sftkey.data.sources import DATASETS, DataConfig
+from sftkey.data.sources import DataConfig, native_splits
 
 CARVED = ("train", "test")  # the two halves of a single-split data set, carved by (seed, test_fraction)
 
 
 def is_carved(config: DataConfig) -> bool:
     """True when `config.split` is a train/test half carved out of a single-split data set (SVAMP, MATH-500)."""
-    native = list(DATASETS[config.dataset].local_files or {"all": ""})
+    native = native_splits(config.dataset)
     return config.split in CARVED and config.split not in native and len(native) == 1
 
 

@@ -2,7 +2,8 @@
 
 Resolution order for a built-in data set: an explicit `path` (a file, a data folder, or a `datasets`
 `save_to_disk` folder), then `$SFTKEY_DATA_DIR`, then `../shared/data` next to the project, then the
-Hugging Face hub. A row converter per data set turns a local row and a hub row into the same `Record`.
+Hugging Face hub. A row converter per data set turns a local row and a hub row into the same `Record`; a data
+set's `Source` (its files, hub repo and converter) is part of its entry in sftkey.data.registry.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 class DataConfig:
     """Which records to load."""
 
-    dataset: str = field(default="gsm8k", metadata={"help": "gsm8k, svamp, math500 or jsonl"})
+    dataset: str = field(default="gsm8k", metadata={"help": "an entry of sftkey.data.registry: gsm8k, svamp, math500 or jsonl"})
     split: str = field(default="train", metadata={"help": "native split, or train/test carved from a single-split set"})
     path: str | None = field(default=None, metadata={"help": "explicit file or folder (required for jsonl)"})
     limit: int | None = field(default=None, metadata={"help": "keep at most this many records (seeded sample)"})
@@ -34,8 +35,7 @@ class DataConfig:
     answer_field: str | None = field(default=None, metadata={"help": "jsonl: field with the final answer, if any"})
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise DataError(f"unknown dataset {self.dataset!r}: choose one of {sorted(DATASETS)}")
+        source_of(self.dataset)  # an unknown name fails here, listing the known ones
         if self.limit is not None and self.limit < 1:
             raise DataError(f"limit must be a positive number of records, got {self.limit}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -79,7 +79,7 @@ def format_number(value: str, origin: str) -> str:
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
+class Source:
     """Where one data set lives locally and on the hub, and how its rows become records."""
 
     convert: Callable[[dict, str, str, DataConfig], Record]
@@ -89,21 +89,16 @@ class DatasetSpec:
     sort_by_uid: bool = False  # the hub splits SVAMP differently: order by ID so both sources agree
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    "gsm8k": DatasetSpec(
-        gsm8k_row,
-        {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
-        ("openai/gsm8k", "main"),
-        {"train": ("train",), "test": ("test",)},
-    ),
-    "svamp": DatasetSpec(
-        svamp_row, {"all": "svamp/SVAMP.json"}, ("ChilleD/SVAMP", None), {"all": ("train", "test")}, sort_by_uid=True
-    ),
-    "math500": DatasetSpec(
-        math500_row, {"test": "math500/test.jsonl"}, ("HuggingFaceH4/MATH-500", None), {"test": ("test",)}
-    ),
-    "jsonl": DatasetSpec(jsonl_row, {}),
-}
+def source_of(dataset: str) -> Source:
+    """The registry's source of `dataset` (imported here: the registry imports this module's converters)."""
+    from sftkey.data.registry import dataset_spec
+
+    return dataset_spec(dataset).source
+
+
+def native_splits(dataset: str) -> list[str]:
+    """The splits a data set ships with (`all` for a single file without named splits)."""
+    return list(source_of(dataset).local_files or {"all": ""})
 
 
 # --- reading ----------------------------------------------------------------------------------------------
@@ -140,7 +135,7 @@ def default_data_dirs() -> list[tuple[str, Path]]:
 
 def native_rows(config: DataConfig, native_split: str) -> tuple[list[tuple[dict, str]], str]:
     """The raw rows of one native split and a description of the source they came from."""
-    spec = DATASETS[config.dataset]
+    spec = source_of(config.dataset)
     tried = []
     if config.path:
         path = Path(config.path)
@@ -181,8 +176,8 @@ def stable_key(seed: int, uid: str) -> int:
 
 def load_records(config: DataConfig) -> tuple[list[Record], str]:
     """The records of `config` (split, then seeded subsample, original order kept) and the source used."""
-    spec = DATASETS[config.dataset]
-    native = list(spec.local_files or {"all": ""})
+    spec = source_of(config.dataset)
+    native = native_splits(config.dataset)
     if config.split in native:
         native_split, carve = config.split, None
     elif len(native) == 1 and config.split in ("train", "test"):
