@@ -18,6 +18,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -223,11 +224,18 @@ def mark_interrupted(client: "MlflowClient", name: str, keep: str | None = None)
 
 
 def register_candidate(client: "MlflowClient", name: str, model_uri: str, run_id: str,
-                       tags: dict[str, str], tracking_uri: str | None = None) -> "ModelVersion":
+                       tags: dict[str, str], tracking_uri: str | None = None,
+                       metrics: Mapping[str, Any] | None = None) -> "ModelVersion":
     """The candidate as a version of `name`, aliased `challenger`: the earlier version of the same weights and
-    benchmark when there is one (a rerun adds no version), else a new one. Orphans are marked on the way."""
+    benchmark when there is one (a rerun adds no version), else a new one. Orphans are marked on the way.
+    `metrics` (its benchmark scores) become metrics of the version's logged model (see log_version_metrics)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import _parse_model_id_if_present
 
+    model_id = _parse_model_id_if_present(model_uri)  # as mlflow.register_model links a version to its model
+    if metrics and not model_id:
+        raise ValueError(f"{model_uri}: metrics need a logged model to hold them; register the "
+                         "`models:/<model id>` uri that MlflowTracker.log_model returns")
     tags = {k: str(v) for k, v in tags.items()}
     with promotion_lock(tracking_uri or client.tracking_uri, name):
         try:
@@ -238,13 +246,64 @@ def register_candidate(client: "MlflowClient", name: str, model_uri: str, run_id
         version = _same_candidate(client, name, tags)
         mark_interrupted(client, name, keep=None if version is None else str(version.version))
         if version is None:
-            version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+            version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
+            log_version_metrics(client, version, metrics or {})
         elif DECISION_TAG not in version.tags:  # an orphan of the same weights: this run decides on it
             for key in (PIPELINE_RUN_TAG, REGISTERED_BY_TAG):
                 if key in tags:
                     client.set_model_version_tag(name, str(version.version), key, tags[key])
         client.set_registered_model_alias(name, CHALLENGER, version.version)
     return version
+
+
+def benchmark_dataset(benchmark: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(name, digest) of the evaluation data set a benchmark identity describes, e.g. ("gsm8k-test", data
+    version): the name and digest the benchmark run logs it under as an MLflow dataset input."""
+    if not benchmark or not benchmark.get("dataset") or not benchmark.get("data_version"):
+        return None
+    split = benchmark.get("split")
+    return f"{benchmark['dataset']}-{split}" if split else str(benchmark["dataset"]), str(benchmark["data_version"])
+
+
+def logged_model_id(version: "ModelVersion") -> str | None:
+    """The logged model a version points to: MLflow's sqlite/file registry keeps no model_id, only the source."""
+    from mlflow.store.artifact.utils.models import _parse_model_id_if_present
+
+    return version.model_id or _parse_model_id_if_present(version.source)
+
+
+def log_version_metrics(client: "MlflowClient", version: "ModelVersion", metrics: Mapping[str, Any]) -> None:
+    """Benchmark scores as MLflow metrics of the version's logged model (MLflow 3 shows them on the version and
+    the model page), logged in the benchmark run (BENCHMARK_RUN_TAG) and tied to its evaluation data set.
+    Non-numeric and non-finite values are left out: MLflow stores no NaN."""
+    from mlflow.entities import Metric
+
+    from orchestration.tracking import metric_name
+
+    scores = {metric_name(k): float(v) for k, v in metrics.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    if not scores:
+        return
+    model_id = logged_model_id(version)
+    if not model_id:
+        raise ValueError(f"model version {version.name} v{version.version} has no logged model to hold its "
+                         "metrics: register the `models:/<model id>` uri that MlflowTracker.log_model returns")
+    run_id = version.tags.get(BENCHMARK_RUN_TAG) or version.run_id
+    dataset_name, digest = benchmark_dataset(version_benchmark(version)) or (None, None)
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0, model_id=model_id, dataset_name=dataset_name,
+                                             dataset_digest=digest, run_id=run_id) for k, v in scores.items()])
+
+
+def version_metrics(client: "MlflowClient", version: "ModelVersion") -> dict[str, float]:
+    """The metrics of a version's logged model, by name (the latest value of each)."""
+    model_id = logged_model_id(version)
+    if not model_id:
+        return {}
+    latest = {}
+    for metric in sorted(client.get_logged_model(model_id).metrics or [], key=lambda m: m.timestamp):
+        latest[metric.key] = metric.value
+    return latest
 
 
 def version_by_alias(client: "MlflowClient", name: str, alias: str) -> "ModelVersion | None":

@@ -9,6 +9,7 @@ process fails (../shared/notes/stack.md). Here every run is opened and closed ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import dagster as dg
 from filelock import FileLock, Timeout
 from pydantic import PrivateAttr
 
+import sftkey
 from sftkey.errors import UserError
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ PID_TAG = "sftkey.pid"  # the process writing a run, and its host: a later pipel
 HOST_TAG = "sftkey.host"
 REAPED_TAG = "sftkey.reaped"
 LOCK_TIMEOUT_S = 60.0  # creating or migrating a new sqlite store takes seconds; never wait forever on its lock
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what the MLflow 3 UI reads to pick its GenAI or model-training view
+MODEL_TRAINING = "custom_model_development"  # shown as "Model training"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value; longer ones are logged as a JSON artifact instead
 
 
@@ -182,6 +186,28 @@ def open_client(tracking_uri: str) -> "MlflowClient":
     return client
 
 
+def context_tags() -> dict[str, str]:
+    """MLflow's own run context (user, source name and type, git commit/branch/repo), as `mlflow.start_run` sets
+    it. MLflow reads git from the entry script, which is in the ignored .venv for `sftkey`, `dagster` and pytest:
+    then the git facts of this project's checkout are used."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    tags = resolve_tags()
+    return tags if MLFLOW_GIT_COMMIT in tags else {**tags, **_project_git_tags()}
+
+
+@functools.lru_cache(maxsize=1)  # a git call per run would cost more than the run
+def _project_git_tags() -> dict[str, str]:
+    from mlflow.utils import git_utils
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
+
+    project = str(Path(__file__).resolve().parent)
+    found = {MLFLOW_GIT_COMMIT: git_utils.get_git_commit(project), MLFLOW_GIT_BRANCH: git_utils.get_git_branch(project),
+             MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(project)}
+    return {k: v for k, v in found.items() if v}
+
+
 def owner_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
@@ -265,25 +291,54 @@ class MlflowTracker:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
 
-    def log_model(self, folder: str | os.PathLike, name: str = "model") -> str:
-        """Log a save_pretrained folder as an MLflow transformers model; returns its `models:/` uri."""
-        import logging
+    def log_input(self, name: str, digest: str, source: str, context: str) -> None:
+        """The data set as an MLflow dataset input of this run: `digest` is its data version, `source` a path
+        (a DVC `path@rev` too) or URL, `context` "training" or "evaluation" (the UI's dataset context tag)."""
+        import warnings
 
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # a local path matches two registered source kinds; MLflow picks one
+            warnings.simplefilter("ignore")
+            dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest)
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                          [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+    def log_model(self, checkpoint: str | os.PathLike, name: str, max_new_tokens: int | None = None) -> str:
+        """Log a checkpoint as a chat pyfunc model called `name` (e.g. "sft_tag-seed0"): bf16 weights, config
+        and tokenizer only (no optimizer, scheduler or RNG state). `max_new_tokens`: the served generation cap
+        (default chat_model.DEFAULT_MAX_NEW_TOKENS). Returns its `models:/<model id>` uri."""
         import mlflow
 
+        from orchestration import chat_model
+
         mlflow.set_tracking_uri(self.client.tracking_uri)
-        quiet = logging.getLogger("mlflow.transformers")  # warns that a local folder has no hub model card
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
+        with tempfile.TemporaryDirectory(prefix="sftkey-model-") as tmp:
+            weights = export_weights(Path(checkpoint), Path(tmp) / chat_model.WEIGHTS_ARTIFACT)
             with mlflow.start_run(run_id=self.run_id):  # log_model only knows the fluent API's active run
-                info = mlflow.transformers.log_model(
-                    transformers_model=str(folder), name=name, task="text-generation",
-                    pip_requirements=model_requirements(),  # inferring them imports torchvision, which is absent
+                info = mlflow.pyfunc.log_model(
+                    name=name, python_model=chat_model.__file__, artifacts={chat_model.WEIGHTS_ARTIFACT: str(weights)},
+                    code_paths=[str(Path(sftkey.__file__).parent)],
+                    model_config={"max_new_tokens": max_new_tokens or chat_model.DEFAULT_MAX_NEW_TOKENS},
+                    pip_requirements=model_requirements(),  # inferring them imports every installed package
                 )
-        finally:
-            quiet.setLevel(level)
         return info.model_uri
+
+
+def export_weights(checkpoint: Path, out: Path) -> Path:
+    """A checkpoint as a serving folder: bf16 safetensors (the training dtype of the users' GPUs), config,
+    generation config and tokenizer with its chat template; the trainer's resume state is left behind."""
+    import torch
+
+    from sftkey.models import load_model, load_tokenizer
+
+    model = load_model(checkpoint, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(checkpoint).save_pretrained(out)
+    return out
 
 
 def model_requirements() -> list[str]:
@@ -291,7 +346,8 @@ def model_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{package}=={version(package).split('+')[0]}"
-            for package in ("torch", "transformers", "tokenizers", "accelerate", "safetensors")]
+            for package in ("mlflow", "torch", "transformers", "tokenizers", "accelerate", "safetensors", "pandas",
+                            "pydantic", "tqdm")]
 
 
 def _now_ms() -> int:
@@ -354,21 +410,23 @@ class MlflowResource(dg.ConfigurableResource):
         """The experiment's id, created with an explicit artifact location the first time."""
         client = self.client()
         found = client.get_experiment_by_name(self.experiment)
-        if found:
-            return found.experiment_id
-        location = self.artifact_location or default_artifact_location(self.resolve_uri())
-        try:
-            return client.create_experiment(self.experiment, artifact_location=location)
-        except Exception:  # another process created it between our look-up and create
-            found = client.get_experiment_by_name(self.experiment)
-            if found is None:
-                raise
-            return found.experiment_id
+        if found is None:
+            location = self.artifact_location or default_artifact_location(self.resolve_uri())
+            try:
+                return client.create_experiment(self.experiment, artifact_location=location,
+                                                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            except Exception:  # another process created it between our look-up and create
+                found = client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+        if EXPERIMENT_KIND_TAG not in found.tags:  # an experiment made before, or by someone else: mark, never overrule
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        return found.experiment_id
 
     def start_pipeline_run(self, name: str, tags: dict[str, str] | None = None) -> str:
         """A parent run for one pipeline run; its id goes into `parent_run_id` of every asset's resource."""
         run = self.client().create_run(self.experiment_id(), run_name=name,
-                                       tags={PIPELINE_RUN_TAG: name, **owner_tags(), **(tags or {})})
+                                       tags={**context_tags(), PIPELINE_RUN_TAG: name, **owner_tags(), **(tags or {})})
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
@@ -392,7 +450,8 @@ class MlflowResource(dg.ConfigurableResource):
         asset = context.asset_key.to_user_string()
         partition = context.partition_key if context.has_partition_key else None
         dagster_run = context.run.run_id
-        run_tags = {PARENT_TAG: self.parent_for(dagster_run), DAGSTER_RUN_TAG: dagster_run, ASSET_TAG: asset,
+        run_tags = {**context_tags(), PARENT_TAG: self.parent_for(dagster_run), DAGSTER_RUN_TAG: dagster_run,
+                    ASSET_TAG: asset,
                     **owner_tags(),
                     **({PARTITION_TAG: str(partition)} if partition else {}), **(tags or {})}
         run_name = f"{asset}[{partition}]" if partition else asset

@@ -13,11 +13,14 @@ from orchestration.registry import (
     CHALLENGER,
     CHAMPION,
     OUTCOMES_ARTIFACT,
+    benchmark_dataset,
     decide,
     evaluate_gate,
+    logged_model_id,
     promote,
     register_candidate,
     version_by_alias,
+    version_metrics,
 )
 
 QUESTIONS = [f"q{i}" for i in range(10)]
@@ -129,3 +132,46 @@ def test_gate_on_a_real_registry(client, tmp_path):
     assert json.loads(tags["promotion.difference_points"]) == 0.0
     assert str(version_by_alias(client, "gate-model", CHAMPION).version) == better
     assert str(version_by_alias(client, "gate-model", CHALLENGER).version) == same
+
+
+# ---------------------------------------------------------------------------------- version metrics
+
+def logged_model(client, tmp_path) -> tuple[str, str, str]:
+    """A logged model (MLflow 3: what a version links to) and a benchmark run holding the outcomes."""
+    experiment = client.get_experiment_by_name("gate").experiment_id
+    bench = client.create_run(experiment).info.run_id
+    (tmp_path / OUTCOMES_ARTIFACT).write_text(json.dumps(WEAK))
+    client.log_artifact(bench, str(tmp_path / OUTCOMES_ARTIFACT))
+    model_run = client.create_run(experiment).info.run_id
+    model = client.create_logged_model(experiment, name="sft_tag-seed0", source_run_id=model_run)
+    return model.model_id, model_run, bench
+
+
+def test_benchmark_scores_are_metrics_of_the_version_not_tags(client, tmp_path):
+    import mlflow
+
+    # The registry resolves a `models:/m-...` source through the default store (MlflowResource.client sets it).
+    mlflow.set_tracking_uri(client.tracking_uri)
+    model_id, model_run, bench = logged_model(client, tmp_path)
+    scores = {"strict_accuracy": 0.2, "exact_match,strict-match": 0.25, "n": 10, "ok": True, "bad": float("nan"),
+              "arm": "sft_tag"}
+    version = register_candidate(client, "scored", f"models:/{model_id}", model_run,
+                                 {BENCHMARK_RUN_TAG: bench, BENCHMARK_TAG: json.dumps(BENCH)}, metrics=scores)
+    assert logged_model_id(version) == model_id
+    assert version_metrics(client, client.get_model_version("scored", version.version)) == {
+        "strict_accuracy": 0.2, "exact_match/strict-match": 0.25, "n": 10.0}
+    assert not [k for k in client.get_model_version("scored", version.version).tags if k.startswith("metric")]
+    logged = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    assert (logged["strict_accuracy"].run_id, logged["strict_accuracy"].dataset_name,
+            logged["strict_accuracy"].dataset_digest) == (bench, "svamp-test", "abc")
+    assert client.get_run(bench).data.metrics["strict_accuracy"] == 0.2
+    assert benchmark_dataset({"dataset": "gsm8k", "split": None, "data_version": "v1"}) == ("gsm8k", "v1")
+    assert benchmark_dataset({"dataset": "gsm8k"}) is None
+
+
+def test_metrics_without_a_logged_model_are_refused_before_registering(client, tmp_path):
+    experiment = client.get_experiment_by_name("gate").experiment_id
+    model_run = client.create_run(experiment).info.run_id
+    with pytest.raises(ValueError, match=f"^runs:/{model_run}/model: metrics need a logged model to hold them; "):
+        register_candidate(client, "plain", f"runs:/{model_run}/model", model_run, {}, metrics={"acc": 0.5})
+    assert client.search_model_versions("name = 'plain'") == []

@@ -2,6 +2,7 @@
 one parent per Dagster run, failed runs marked FAILED, and an unreachable server failing before any work."""
 
 import http.server
+import json
 import math
 import os
 import subprocess
@@ -311,3 +312,95 @@ def test_a_real_mlflow_server_passes_the_probe(tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
+
+
+# ---------------------------------------------------------------------------------- MLflow used the standard way
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> MlflowResource:
+    """One store for the tests below: creating a sqlite store runs MLflow's migrations (seconds each)."""
+    folder = tmp_path_factory.mktemp("shared-mlflow")
+    return MlflowResource(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", experiment="standard")
+
+
+def test_runs_carry_mlflow_context_tags_besides_ours(shared):
+    import getpass
+
+    result = dg.materialize([counted], resources={"tracking": shared})
+    (run,) = shared.client().search_runs([shared.experiment_id()], f"tags.`dagster.run_id` = '{result.run_id}' "
+                                         f"and tags.`{ASSET_TAG}` = 'counted'")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(__file__)).stdout.strip()
+    tags = run.data.tags
+    assert (tags["mlflow.user"], tags["mlflow.source.type"], tags["mlflow.source.git.commit"]) == (
+        getpass.getuser(), "LOCAL", head)
+    assert tags["mlflow.source.name"] == sys.argv[0]
+    parent = shared.client().get_run(tags[PARENT_TAG]).data.tags
+    assert parent["mlflow.source.git.commit"] == head and parent["sftkey.pipeline_run"] == result.run_id
+
+
+def test_the_experiment_is_marked_as_model_training_and_another_kind_is_kept(shared):
+    from orchestration.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    client = shared.client()
+    assert client.get_experiment(shared.experiment_id()).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    earlier = client.create_experiment("made-before")  # an experiment sftkey did not create
+    assert MlflowResource(tracking_uri=shared.tracking_uri, experiment="made-before").experiment_id() == earlier
+    assert client.get_experiment(earlier).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(earlier, EXPERIMENT_KIND_TAG, "genai_development")
+    MlflowResource(tracking_uri=shared.tracking_uri, experiment="made-before").experiment_id()
+    assert client.get_experiment(earlier).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_log_input_records_the_data_set_with_its_data_version_as_digest(shared):
+    client = shared.client()
+    run_id = client.create_run(shared.experiment_id()).info.run_id
+    tracker = MlflowTracker(client, run_id)
+    tracker.log_input("gsm8k-train", "3f2a9c", "data/gsm8k/train.jsonl@v1.2", "training")
+    tracker.log_input("svamp-test", "77aa01", "https://example.org/svamp.jsonl", "evaluation")
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    seen = {(i.dataset.name, i.dataset.digest, i.dataset.source_type, json.loads(i.dataset.source).popitem()[1],
+             {t.key: t.value for t in i.tags}["mlflow.data.context"]) for i in inputs}
+    assert seen == {("gsm8k-train", "3f2a9c", "local", "data/gsm8k/train.jsonl@v1.2", "training"),
+                    ("svamp-test", "77aa01", "http", "https://example.org/svamp.jsonl", "evaluation")}
+
+
+def test_a_logged_model_is_a_bf16_chat_model_that_generates(shared, tiny_model_dir, tmp_path):
+    import shutil
+
+    import mlflow
+    import pandas as pd
+    from safetensors import safe_open
+
+    from sftkey.generate import GenerationConfig, generate
+    from sftkey.models import load_model, load_tokenizer
+    from sftkey.tokenize import format_prompt
+
+    checkpoint = tmp_path / "step-final"  # a checkpoint: a model folder plus the trainer's resume state
+    shutil.copytree(tiny_model_dir, checkpoint)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt", "sftkey.json"):
+        (checkpoint / name).write_bytes(b"state")
+    client = shared.client()
+    run_id = client.create_run(shared.experiment_id()).info.run_id
+    uri = MlflowTracker(client, run_id).log_model(checkpoint, "sft_tag-seed0", max_new_tokens=6)
+    assert client.get_logged_model(uri.removeprefix("models:/")).name == "sft_tag-seed0"
+
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "logged"))
+    files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs)
+    weights = [f for f in files if f.startswith("artifacts/weights/")]
+    assert {os.path.basename(f) for f in weights} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert not [f for f in files if os.path.basename(f) in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt")]
+    with safe_open(os.path.join(local, "artifacts/weights/model.safetensors"), "pt") as stored:
+        assert {str(stored.get_tensor(k).dtype) for k in stored.keys()} == {"torch.bfloat16"}
+
+    served = mlflow.pyfunc.load_model(uri)
+    question = "What is 2+3?"
+    tokenizer = load_tokenizer(checkpoint)
+    prompt = format_prompt(tokenizer, question)
+    model = load_model(os.path.join(local, "artifacts/weights"), dtype="auto")
+    (expected,) = generate(model, tokenizer, [("q", prompt)], GenerationConfig(max_new_tokens=6, progress=False))
+    assert served.predict([question]) == [expected.output]
+    assert expected.output != prompt and not expected.output.startswith(question)
+    chat = {"messages": [{"role": "user", "content": question}]}
+    assert served.predict([chat, question]) == [expected.output, expected.output]
+    assert served.predict(pd.DataFrame({"messages": [chat["messages"]]})) == [expected.output]
