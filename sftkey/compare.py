@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from sftkey.atomic import write_text
+from sftkey.atomic import fsync_dir, write_text
 from sftkey.errors import UserError
 
 
@@ -501,6 +502,82 @@ def from_json(path: str | Path) -> tuple[list[ArmSummary], list[Comparison]]:
     return summaries, comparisons
 
 
+# The files of a report folder (`sftkey compare --out`, the arm_comparison asset, the DVC compare stage).
+REPORT_MD = "comparison.md"  # the table and verdict lines
+REPORT_JSON = "comparison.json"  # summaries and comparisons (from_json reads it back)
+METRICS_JSON = "metrics.json"  # flat per-arm numbers: DVC metrics
+ACCURACY_CSV = "accuracy.csv"  # one row per arm: DVC plots
+ACCURACY_PNG = "accuracy.png"
+LOSS_DIR = "answer_loss"  # <arm>.csv (step, answer_loss) per arm: DVC plots
+LOSS_PNG = "answer_loss.png"
+
+
+@dataclass
+class Report:
+    """What `write_report` computed and wrote."""
+
+    summaries: list[ArmSummary]
+    comparisons: list[Comparison]
+    table: str  # Markdown: the table, verdict lines, then a `warning: ...` paragraph per warning
+    files: list[Path]
+    plots: list[Path]
+
+
+def write_report(out: str | Path, correct: Outcomes, formats: Outcomes | None,
+                 stage_keys: Mapping[tuple[str, int], Sequence[str]], baseline: str,
+                 curves: Mapping[str, Sequence[tuple[float, float]]] | None = None, warnings: Sequence[str] = (),
+                 alpha: float = ALPHA) -> Report:
+    """Summarize every arm, compare the others with `baseline` (arms sharing a stage with it paired by seed,
+    Holm-corrected at `alpha`) and write the report files into `out`, each atomically.
+
+    formats: format outcomes of the arms whose format is judged; curves: arm -> [(step, answer loss)], plotted
+    (answer_loss.png) and written per arm (answer_loss/<arm>.csv) when given.
+    """
+    out = Path(out)
+    summaries = summarize_arms(correct, formats)
+    comparisons = compare_with_baseline(correct, baseline, arms_sharing_a_stage(correct, stage_keys, baseline), alpha)
+    table = to_markdown(summaries, comparisons) + "".join(f"\nwarning: {w}\n" for w in warnings)
+    files = [write_text(out / REPORT_MD, table), to_json(out / REPORT_JSON, summaries, comparisons),
+             write_text(out / METRICS_JSON, json.dumps(flat_metrics(summaries, comparisons), indent=2) + "\n"),
+             write_text(out / ACCURACY_CSV, accuracy_csv(summaries))]
+    files += write_loss_csvs(out / LOSS_DIR, curves or {})
+    plots = [plot_accuracy(summaries, out / ACCURACY_PNG)]
+    if curves:
+        plots.append(plot_loss_curves(curves, out / LOSS_PNG))
+    else:
+        (out / LOSS_PNG).unlink(missing_ok=True)  # an earlier report's curves are not this one's
+    return Report(summaries, comparisons, table, files, plots)
+
+
+def flat_metrics(summaries: Sequence[ArmSummary], comparisons: Sequence[Comparison]) -> dict[str, dict[str, float]]:
+    """{arm: {accuracy, format_accuracy, ci_low, ci_high, difference_points, p_value}}: numbers only (what DVC
+    shows). format_accuracy only where the format is judged; difference_points and p_value (the one the verdict
+    rests on: Holm-adjusted when several arms are compared) only for the arms compared with the baseline."""
+    metrics = {}
+    for s in summaries:
+        metrics[s.arm] = {"accuracy": s.accuracy, "ci_low": s.ci[0], "ci_high": s.ci[1]}
+        if s.format_accuracy is not None:
+            metrics[s.arm]["format_accuracy"] = s.format_accuracy
+    for c in comparisons:
+        metrics[c.arm] |= {"difference_points": c.difference,
+                           "p_value": c.p_value if c.p_adjusted is None else c.p_adjusted}
+    return metrics
+
+
+def accuracy_csv(summaries: Sequence[ArmSummary]) -> str:
+    lines = ["arm,accuracy,ci_low,ci_high"] + [f"{s.arm},{s.accuracy!r},{s.ci[0]!r},{s.ci[1]!r}" for s in summaries]
+    return "\n".join(lines) + "\n"
+
+
+def write_loss_csvs(folder: Path, curves: Mapping[str, Sequence[tuple[float, float]]]) -> list[Path]:
+    """answer_loss/<arm>.csv per arm (step, answer_loss); CSVs of arms not in `curves` are removed."""
+    written = [write_text(folder / f"{arm}.csv", "step,answer_loss\n" + "".join(
+        f"{step!r},{loss!r}\n" for step, loss in points)) for arm, points in curves.items()]
+    for stale in set(folder.glob("*.csv")) - set(written):
+        stale.unlink()
+    return written
+
+
 def plot_accuracy(summaries: Sequence[ArmSummary], path: str | Path) -> Path:
     """PNG bar chart: accuracy and format accuracy per arm, with their intervals as error bars."""
     figure, axes = _figure()
@@ -522,14 +599,64 @@ def plot_accuracy(summaries: Sequence[ArmSummary], path: str | Path) -> Path:
     return _save(figure, path)
 
 
-def plot_loss_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path) -> Path:
-    """PNG line chart of answer-span loss against training step, one line per arm (log scale when all > 0)."""
-    figure, axes = _figure()
+@dataclass(frozen=True)
+class CurveSegment:
+    """A stretch of the answer-loss curves: points several arms share (a stage they trained once, together) or one
+    arm's own continuation (beginning at the last shared point, so the lines join)."""
+
+    arms: tuple[str, ...]
+    points: tuple[tuple[float, float], ...]
+    joins: bool = False  # starts where a shared stretch ends (marked on the plot: the arms part there)
+
+    @property
+    def label(self) -> str:
+        return self.arms[0] if len(self.arms) == 1 else f"{', '.join(self.arms)} (shared)"
+
+
+def curve_segments(curves: Mapping[str, Sequence[tuple[float, float]]]) -> list[CurveSegment]:
+    """Split the curves where they part: a prefix that arms share (SFTKey-Tag's stage 1 is SFT-Tag's) is one
+    segment, drawn once, so no arm's line hides another's."""
     for arm, points in curves.items():
         if not points:
             raise CompareError(f"loss curve of arm {arm!r} is empty")
-        steps, losses = zip(*points)
-        axes.plot(steps, losses, label=arm)
+    curves = {arm: [tuple(point) for point in points] for arm, points in curves.items()}
+    segments: list[CurveSegment] = []
+
+    def grow(arms: list[str], start: int) -> None:  # `arms` agree on their first `start` points
+        groups: dict[tuple, list[str]] = {}
+        for arm in arms:
+            if len(curves[arm]) > start:
+                groups.setdefault(curves[arm][start], []).append(arm)
+        for group in groups.values():
+            end = start + 1
+            while all(len(curves[a]) > end for a in group) and len({curves[a][end] for a in group}) == 1:
+                end += 1
+            segments.append(CurveSegment(tuple(group), tuple(curves[group[0]][max(start - 1, 0):end]), start > 0))
+            grow(group, end)
+
+    grow(list(curves), 0)
+    return segments
+
+
+def draw_loss_curves(axes, curves: Mapping[str, Sequence[tuple[float, float]]]) -> list:
+    """Draw the curves' segments on `axes`: shared stretches once in grey, on top, each arm's own part in its
+    colour with a dot where it leaves the shared stretch. Returns the Line2D objects, one per segment."""
+    colours = {arm: f"C{k}" for k, arm in enumerate(curves)}
+    lines = []
+    for segment in curve_segments(curves):
+        steps, losses = zip(*segment.points)
+        shared = len(segment.arms) > 1
+        (line,) = axes.plot(steps, losses, label=segment.label, color="0.25" if shared else colours[segment.arms[0]],
+                            linewidth=2.5 if shared else 1.5, zorder=3 if shared else 2,
+                            marker="o" if segment.joins else None, markevery=[0] if segment.joins else None)
+        lines.append(line)
+    return lines
+
+
+def plot_loss_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path) -> Path:
+    """PNG line chart of answer-span loss against training step, per arm (log scale when all > 0)."""
+    figure, axes = _figure()
+    draw_loss_curves(axes, curves)
     if all(loss > 0 for points in curves.values() for _, loss in points):
         axes.set_yscale("log")  # the answer loss falls by orders of magnitude in stage 2
     axes.set_xlabel("step")
@@ -549,9 +676,27 @@ def _figure():
 
 
 def _save(figure, path: str | Path) -> Path:
-    path = Path(path)
+    """The PNG through a temp file in the same folder, then renamed over `path` (never half an image)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return _write_bytes(Path(path), buffer.getvalue())
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

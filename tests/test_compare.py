@@ -21,6 +21,9 @@ from sftkey.compare import (
     compare_arms,
     compare_with_baseline,
     crossed_estimate,
+    curve_segments,
+    draw_loss_curves,
+    flat_metrics,
     from_json,
     holm_adjust,
     mcnemar_exact_p,
@@ -32,6 +35,7 @@ from sftkey.compare import (
     to_json,
     to_markdown,
     unpaired_difference,
+    write_report,
 )
 
 N_QUESTIONS = 300
@@ -371,3 +375,107 @@ def test_plots_write_png_files(tmp_path):
 def test_plot_loss_curves_rejects_an_empty_curve(tmp_path):
     with pytest.raises(ValueError, match="'SFT'"):
         plot_loss_curves({"SFT": []}, tmp_path / "loss.png")
+
+
+SHARED_STAGE_CURVES = {  # SFTKey-Tag continues SFT-Tag's stage 1 (the same points); Plain trained alone
+    "SFT-Tag": [(1, 3.0), (2, 2.0), (3, 1.5)],
+    "SFTKey-Tag": [(1, 3.0), (2, 2.0), (3, 1.5), (4, 0.5), (5, 0.1)],
+    "Plain": [(1, 4.0), (2, 3.0)],
+}
+
+
+def test_a_shared_stage_is_drawn_once_on_top_so_the_baseline_stays_visible():
+    from matplotlib.figure import Figure
+
+    axes = Figure().add_subplot()
+    lines = draw_loss_curves(axes, SHARED_STAGE_CURVES)
+    assert [line.get_label() for line in lines] == ["SFT-Tag, SFTKey-Tag (shared)", "SFTKey-Tag", "Plain"]
+    assert [line.get_xydata().tolist() for line in lines] == [
+        [[1, 3.0], [2, 2.0], [3, 1.5]],
+        [[3, 1.5], [4, 0.5], [5, 0.1]],  # from the last shared point: the lines join
+        [[1, 4.0], [2, 3.0]],
+    ]
+    shared, own, plain = lines
+    assert shared.get_zorder() > max(own.get_zorder(), plain.get_zorder())
+    assert (own.get_marker(), own.get_markevery()) == ("o", [0])  # the dot where SFTKey-Tag leaves stage 1
+    assert (plain.get_marker(), own.get_color(), plain.get_color()) == ("None", "C1", "C2")
+
+
+def test_curve_segments_split_wherever_arms_part():
+    a, b, c = [(1, 3.0), (2, 2.0), (3, 1.0)], [(1, 3.0), (2, 2.0), (3, 1.2)], [(1, 3.0), (2, 2.5)]
+    assert [(s.arms, s.points, s.joins) for s in curve_segments({"A": a, "B": b, "C": c})] == [
+        (("A", "B", "C"), ((1, 3.0),), False),
+        (("A", "B"), ((1, 3.0), (2, 2.0)), True),
+        (("A",), ((2, 2.0), (3, 1.0)), True),
+        (("B",), ((2, 2.0), (3, 1.2)), True),
+        (("C",), ((1, 3.0), (2, 2.5)), True),
+    ]
+    assert [s.label for s in curve_segments({"A": a, "C": [(0, 9.0)]})] == ["A", "C"]  # nothing shared
+
+
+def test_write_report_writes_every_file_from_one_computation(arms, tmp_path):
+    correct = {**arms, "A copy": arms["A"]}
+    stage_keys = {(arm, s): ["k-shared"] if arm != "B" else [f"k-b{s}"] for arm in correct for s in SEEDS}
+    out = tmp_path / "report"
+    (out / "answer_loss").mkdir(parents=True)
+    (out / "answer_loss" / "gone.csv").write_text("step,answer_loss\n")  # an arm of an earlier report
+    report = write_report(out, correct, {"A": arms["A"]}, stage_keys, "A", curves=SHARED_STAGE_CURVES,
+                          warnings=["B seed 0: 12% of answers hit the cap"], alpha=0.01)
+
+    assert [c.arm for c in report.comparisons] == ["B", "A copy"]
+    assert [(c.design, c.alpha, c.n_compared) for c in report.comparisons] == [(UNPAIRED, 0.01, 2), (PAIRED, 0.01, 2)]
+    assert report.comparisons == compare_with_baseline(correct, "A", ["A copy"], alpha=0.01)
+    assert report.table == to_markdown(report.summaries, report.comparisons) + (
+        "\nwarning: B seed 0: 12% of answers hit the cap\n")
+    assert (out / "comparison.md").read_text() == report.table
+    assert from_json(out / "comparison.json") == (report.summaries, report.comparisons)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == flat_metrics(report.summaries, report.comparisons)
+    a, b = report.summaries[0], report.summaries[1]
+    assert metrics["A"] == {"accuracy": a.accuracy, "ci_low": a.ci[0], "ci_high": a.ci[1],
+                            "format_accuracy": a.format_accuracy}
+    assert metrics["B"] == {"accuracy": b.accuracy, "ci_low": b.ci[0], "ci_high": b.ci[1], "difference_points": 5.0,
+                            "p_value": report.comparisons[0].p_adjusted}
+    assert (out / "accuracy.csv").read_text().splitlines()[:2] == [
+        "arm,accuracy,ci_low,ci_high", f"A,{a.accuracy!r},{a.ci[0]!r},{a.ci[1]!r}"]
+    assert (out / "answer_loss" / "Plain.csv").read_text() == "step,answer_loss\n1,4.0\n2,3.0\n"
+    assert sorted(p.name for p in (out / "answer_loss").iterdir()) == ["Plain.csv", "SFT-Tag.csv", "SFTKey-Tag.csv"]
+    assert [p.name for p in report.plots] == ["accuracy.png", "answer_loss.png"]
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(report.files + report.plots)  # no temp file
+    assert all(p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for p in report.plots)
+
+
+def test_write_report_without_curves_has_no_loss_files(arms, tmp_path):
+    write_report(tmp_path, arms, None, {}, "A", curves={"A": [(1, 2.0)]})  # an earlier report with curves
+    report = write_report(tmp_path, arms, None, {}, "A")
+    assert report.files[-1] == tmp_path / "accuracy.csv" and not list((tmp_path / "answer_loss").iterdir())
+    (tmp_path / "answer_loss").rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "accuracy.csv", "accuracy.png", "comparison.json", "comparison.md", "metrics.json"]
+    assert [c.design for c in report.comparisons] == [UNPAIRED]  # unknown lineages never pair
+    with pytest.raises(ValueError, match="unknown arm 'C'"):
+        write_report(tmp_path / "other", arms, None, {}, "C")
+    assert not (tmp_path / "other").exists()  # refused before anything was written
+
+
+def test_cli_loss_curve_reads_a_reused_stage_from_the_run_that_trained_it(tmp_path):
+    from sftkey.commands.compare import answer_loss_curve
+
+    def run(arm, stages, rows):
+        root = tmp_path / arm / "seed0"
+        for stage in stages:
+            Path(stage["checkpoint"]).mkdir(parents=True)
+            (Path(stage["checkpoint"]) / "sftkey.json").write_text(json.dumps({"stage": stage["name"]}))
+        (root / "run.json").write_text(json.dumps({"stages": stages}))
+        (root / "metrics.jsonl").write_text("".join(json.dumps({"type": "metrics", **r}) + "\n" for r in rows))
+        return [stage["checkpoint"] for stage in stages]
+
+    (base,) = run("sft_tag", [{"name": "stage1", "checkpoint": str(tmp_path / "sft_tag/seed0/checkpoints/stage1-final")}],
+                  [{"step": 1, "stage": "stage1", "loss_answer": 3.0}, {"step": 2, "stage": "stage1", "loss_answer": 2.0}])
+    own1, own2 = run("sftkey_tag", [
+        {"name": "stage1", "checkpoint": str(tmp_path / "sftkey_tag/seed0/checkpoints/stage1-final"), "reused_from": base},
+        {"name": "stage2", "checkpoint": str(tmp_path / "sftkey_tag/seed0/checkpoints/stage2-final")}],
+        [{"step": 3, "stage": "stage2", "loss_answer": 0.5}, {"step": 4, "stage": "stage2", "loss": 1.0}])
+    assert answer_loss_curve(own2) == [(1, 3.0), (2, 2.0), (3, 0.5)]  # step 4 logged no answer loss
+    assert answer_loss_curve(own1) == answer_loss_curve(base) == [(1, 3.0), (2, 2.0)]  # up to the checkpoint's stage
+    assert answer_loss_curve(str(tmp_path / "elsewhere" / "model")) == answer_loss_curve(None) == []

@@ -1,12 +1,14 @@
 """`sftkey compare RUN_DIR...`: accuracy of each arm over its seeds with intervals, seed-aware tests against a
-baseline arm (Holm-corrected), a Markdown table with verdict lines, `compare.json` and a PNG (sftkey.compare).
+baseline arm (Holm-corrected), a Markdown table with verdict lines, and the report folder of
+`sftkey.compare.write_report` (comparison.md/.json, metrics.json and CSVs for DVC, PNG plots).
 
 Each RUN_DIR is an output folder of `sftkey eval` (with summary.json and outputs.jsonl) or a folder holding
 such folders. Runs are grouped by the arm and seed their summary records; runs of another test set or other
 generation settings are refused. An arm whose checkpoints share a trained stage with the baseline's of the same
 seed (their summaries' stage keys meet) is paired by seed. Where an evaluated checkpoint sits in
-a training run (`<run>/checkpoints/<name>/`, with `<run>/metrics.jsonl`), the arm's answer-span training loss
-is plotted too (`answer_loss.png`, the lowest seed of each arm).
+a training run (`<run>/checkpoints/<name>/`, with `<run>/run.json`), the arm's answer-span training loss of every
+stage up to that checkpoint is plotted too (`answer_loss.png`, the lowest seed of each arm); a stage reused from
+another arm's run is read from that run's log, so arms sharing stage 1 share its curve.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftkey.compare import CompareError
+from sftkey.compare import ALPHA, CompareError
 from sftkey.evaluate import OUTPUTS, SUMMARY
 
 CORRECT_FIELDS = {"strict": "strict_correct", "lenient": "lenient_correct"}
@@ -30,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", default=None, help="arm the others are compared with (default: the first arm found)")
     parser.add_argument("--metric", choices=sorted(CORRECT_FIELDS), default="strict",
                         help="which correctness to compare (strict: the Answer block; lenient: also the last number)")
-    parser.add_argument("--out", default="compare", help="folder for compare.json and accuracy.png (default: ./compare)")
+    parser.add_argument("--out", default="compare", help="folder for the report files (default: ./compare)")
     parser.add_argument("--alpha", type=float, default=None,
-                        help="family-wise significance level, Holm-corrected over the arms (default 0.05)")
+                        help=f"family-wise significance level, Holm-corrected over the arms (default {ALPHA})")
 
 
 def find_runs(paths: list[str]) -> list[Path]:
@@ -46,29 +48,34 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
-def training_log(checkpoint: str | None) -> Path | None:
-    """The `metrics.jsonl` of the training run that wrote `checkpoint`, if it is one of the trainer's."""
-    log = Path(checkpoint).parent.parent / "metrics.jsonl" if checkpoint else None
-    return log if log and log.is_file() else None
+def answer_loss_curve(checkpoint: str | None) -> list[tuple[int, float]]:
+    """[(step, answer loss)] of every stage up to `checkpoint` in its training run; [] when it is not a trainer's."""
+    from sftkey.train import checkpoint as ckpt
+    from sftkey.train.layout import RUN_FILE, run_root, stage_metrics
+
+    run_file = run_root(Path(checkpoint)) / RUN_FILE if checkpoint else None
+    if run_file is None or not run_file.is_file():
+        return []
+    points = []
+    for stage in json.loads(run_file.read_text(encoding="utf-8")).get("stages", []):
+        source = Path(stage.get("reused_from") or stage["checkpoint"])  # a reused stage was logged by its own run
+        name = (ckpt.read_meta(source) or {}).get("stage", stage["name"])
+        points += [(row["step"], row["loss_answer"]) for row in stage_metrics(source, name) if "loss_answer" in row]
+        if Path(stage["checkpoint"]) == Path(checkpoint):
+            break
+    return points
 
 
 def answer_loss_curves(runs: list[Path]) -> dict[str, list[tuple[int, float]]]:
-    """arm -> [(step, answer loss)] from the training log of the arm's lowest evaluated seed."""
-    from sftkey.train.tracking import read_metrics
-
-    logs: dict[str, tuple[int, Path]] = {}
+    """arm -> [(step, answer loss)] from the training run of the arm's lowest evaluated seed."""
+    checkpoints: dict[str, tuple[int, str]] = {}
     for run in runs:
         summary = json.loads((run / SUMMARY).read_text(encoding="utf-8"))
-        log = training_log(summary.get("checkpoint"))
         seed = int(summary["seed"])
-        if log and (summary["arm"] not in logs or seed < logs[summary["arm"]][0]):
-            logs[summary["arm"]] = (seed, log)
-    curves = {}
-    for arm, (_, log) in logs.items():
-        points = [(row["step"], row["loss_answer"]) for row in read_metrics(log) if "loss_answer" in row]
-        if points:
-            curves[arm] = points
-    return curves
+        if summary["arm"] not in checkpoints or seed < checkpoints[summary["arm"]][0]:
+            checkpoints[summary["arm"]] = (seed, summary.get("checkpoint"))
+    curves = {arm: answer_loss_curve(checkpoint) for arm, (_, checkpoint) in checkpoints.items()}
+    return {arm: points for arm, points in curves.items() if points}
 
 
 @dataclass
@@ -129,17 +136,8 @@ def run(args: argparse.Namespace) -> int:
     baseline = args.baseline or next(iter(loaded.correct))
     if baseline not in loaded.correct:
         raise CompareError(f"--baseline {baseline!r} is not among the arms {sorted(loaded.correct)}")
-    summaries = compare.summarize_arms(loaded.correct, loaded.format_ok)
-    paired = compare.arms_sharing_a_stage(loaded.correct, loaded.stage_keys, baseline)
-    comparisons = compare.compare_with_baseline(loaded.correct, baseline, paired, args.alpha or compare.ALPHA)
-    out = Path(args.out)
-    print(compare.to_markdown(summaries, comparisons), end="")
-    for warning in loaded.warnings:
-        print(f"warning: {warning}")
-    written = [compare.to_json(out / "compare.json", summaries, comparisons),
-               compare.plot_accuracy(summaries, out / "accuracy.png")]
-    curves = answer_loss_curves(runs)
-    if curves:
-        written.append(compare.plot_loss_curves(curves, out / "answer_loss.png"))
-    print("wrote " + ", ".join(str(path) for path in written))
+    report = compare.write_report(args.out, loaded.correct, loaded.format_ok, loaded.stage_keys, baseline,
+                                  answer_loss_curves(runs), loaded.warnings, args.alpha or ALPHA)
+    print(report.table, end="")
+    print(f"wrote {args.out}: " + ", ".join(str(path.relative_to(args.out)) for path in report.files + report.plots))
     return 0

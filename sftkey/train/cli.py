@@ -1,4 +1,4 @@
-"""`sftkey train --config configs/X.yaml [--set key=value ...] [--resume] [--arm NAME] [--seed N]`.
+"""`sftkey train --config configs/X.yaml [--set key=value ...] [--resume] [--arm NAME] [--seed N] [--prepared DIR]`.
 
 Runs every arm x seed of the config (or the chosen ones), each in `{output_dir}/{arm}/seed{seed}/`, with a progress
 bar. Under `accelerate launch` or `torchrun` every process runs this same command (data parallel).
@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue each run from its newest complete checkpoint (finished runs are kept)")
     parser.add_argument("--arm", action="append", default=None, help="run only this arm (repeatable)")
     parser.add_argument("--seed", action="append", type=int, default=None, help="run only this seed (repeatable)")
+    parser.add_argument("--prepared", default=None, metavar="DIR",
+                        help="train on a folder written by `sftkey prepare --out DIR` instead of preparing the "
+                             "config's data again (its `data` section is then not read)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +37,11 @@ def run(args: argparse.Namespace) -> int:
     for arm in arms:
         if arm not in config.arms:
             raise ConfigError(f"--arm {arm}: no such arm in {args.config}; arms: {', '.join(config.arms)}")
+    prepared = None
+    if args.prepared is not None:
+        from sftkey.prepare import read_prepared
+
+        prepared = read_prepared(args.prepared)  # a DataError names the folder and how to write it
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # only effective before torch starts its thread pool
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers.utils import logging as hf_logging
@@ -48,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             for seed in seeds:
                 started = time.perf_counter()
                 try:  # user errors (bad data, a locked run folder, a NaN loss) reach the CLI's one line
-                    final = train_arm(config, arm, seed, resume=args.resume, progress=True)
+                    final = train_arm(config, arm, seed, resume=args.resume, prepared=prepared, progress=True)
                 except (KeyboardInterrupt, Terminated) as e:  # run.json already says interrupted / killed
                     how = "interrupted" if isinstance(e, KeyboardInterrupt) else "killed by SIGTERM"
                     print(f"sftkey train: {arm} seed {seed}: {how}; rerun with --resume to continue from its newest "

@@ -36,3 +36,27 @@ def test_bad_input_exits_2_with_the_place_named(tmp_path, capsys):
     assert "--arm dft: no such arm" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_prepared_folder_is_trained_on_instead_of_the_configs_data(tiny_model_dir, arith, tmp_path, capsys):
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data-path", str(arith), "--max-length", "256",
+                 "--out", str(prepared)]) == 0
+    meta = json.loads((prepared / "meta.json").read_text())
+    args = ["train", "--config", str(SMOKE), "--set", f"model={tiny_model_dir}", "--set", f"output_dir={tmp_path / 'runs'}",
+            "--set", f"data.path={tmp_path / 'not-read.jsonl'}", "--arm", "sft_tag"]  # the data section is not read
+    assert main(args + ["--prepared", str(prepared)]) == 0
+    run = json.loads((tmp_path / "runs" / "sft_tag" / "seed0" / "run.json").read_text())
+    assert (run["status"], run["data_version"]) == ("done", meta["data_version"])
+
+    capsys.readouterr()
+    assert main(args + ["--prepared", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sftkey train: error: {tmp_path / 'missing'} is not a prepared data set (no examples.jsonl, records.jsonl, "
+        f"exclusions.jsonl, meta.json); write one with `sftkey prepare --out {tmp_path / 'missing'}`")
+    plain = tmp_path / "plain"
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data-path", str(arith), "--format", "plain",
+                 "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(args + ["--set", f"output_dir={tmp_path / 'runs2'}", "--prepared", str(plain)]) == 2
+    assert "arm 'sft_tag' trains on the tagged format but the prepared data is not" in capsys.readouterr().err
