@@ -4,15 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from sftkey.train.config import (
-    ConfigError,
-    config_from_dict,
-    first_difference,
-    load_config,
-    parse_override,
-    stage_key,
-    training_view,
-)
+from sftkey.config_file import ConfigError, first_difference, parse_override
+from sftkey.train.config import config_from_dict, load_config, stage_key, training_view
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -137,6 +130,36 @@ def test_stage_key_is_shared_by_identical_stages_only(tmp_path):
     assert stage_key(later, "sftkey_tag", 0, 1, "v1", hub) != stage_key(config, "sftkey_tag", 0, 1, "v1", hub)
 
 
+def test_stage_key_is_the_same_for_a_default_and_the_same_value_written_out():
+    """A stage's lr, schedule and warm-up default to `train:`; written out or inherited, it is the same stage."""
+    def key(train: dict, stage: dict) -> str:
+        config = config_from_dict({"train": train, "arms": {"a": {"stages": [{"loss": "sft", "steps": 4} | stage]}}})
+        return stage_key(config, "a", 0, 0, "v1", "a" * 64)
+
+    inherited = key({"lr": 1e-3, "warmup_steps": 2, "schedule": "cosine"}, {})
+    written = key({"lr": 5e-4, "warmup_steps": 3, "schedule": "linear"},
+                  {"lr": 1e-3, "warmup_steps": 2, "schedule": "cosine"})
+    assert written == inherited
+    # warm-up steps given: warm-up epochs do not count
+    assert key({"lr": 1e-3, "warmup_steps": 2, "warmup_epochs": 3.0, "schedule": "cosine"}, {}) == inherited
+    assert key({"lr": 1e-3, "warmup_steps": 2, "schedule": "cosine"}, {"lr": 2e-3}) != inherited
+    assert key({"lr": 1e-3, "warmup_steps": 2, "schedule": "cosine"}, {"warmup_epochs": 1.0}) != inherited
+
+
+def test_resolve_stage_fills_every_default_from_train():
+    from sftkey.train.config import ResolvedStage, resolve_stage
+
+    config = config_from_dict({"train": {"lr": 1e-3, "warmup_epochs": 0.25, "schedule": "cosine"}, "arms": {"a": {
+        "stages": [{"name": "s1", "loss": "sft", "epochs": 2}, {"name": "s2", "loss": "key", "steps": 5,
+                                                                 "lr": 1e-4, "warmup_steps": 1}]}}})
+    first, second = (resolve_stage(config, s) for s in config.arms["a"].stages)
+    assert first == ResolvedStage(name="s1", loss="sft", loss_args={}, epochs=2.0, steps=None, lr=1e-3,
+                                  schedule="cosine", warmup_epochs=0.25, warmup_steps=None)
+    # a stage's own warm-up replaces train's warm-up whole (its epochs default to 0, not to train.warmup_epochs)
+    assert second == ResolvedStage(name="s2", loss="key", loss_args={}, epochs=None, steps=5, lr=1e-4,
+                                   schedule="cosine", warmup_epochs=None, warmup_steps=1)
+
+
 def test_stage_key_changes_with_the_code_version(tmp_path, monkeypatch):
     from sftkey import version
 
@@ -150,6 +173,7 @@ def test_stage_key_changes_with_the_code_version(tmp_path, monkeypatch):
 def test_first_difference_names_the_key():
     base = config_from_dict({"arms": {"a": {"stages": [{"loss": "sft", "steps": 1}]}}})
     changed = config_from_dict({"train": {"lr": 3e-5}, "arms": {"a": {"stages": [{"loss": "sft", "steps": 1}]}}})
-    assert first_difference(training_view(base, "a", 0), training_view(changed, "a", 0)) == "train.lr: 2e-05 -> 3e-05"
+    # the stage inherits train.lr: its resolved value is where the views first differ
+    assert first_difference(training_view(base, "a", 0), training_view(changed, "a", 0)) == "arms.a.stages.0.lr: 2e-05 -> 3e-05"
     assert first_difference({"x": [1, 2]}, {"x": [1, 3]}) == "x.1: 2 -> 3"
     assert first_difference({"x": 1}, {"x": 1}) is None

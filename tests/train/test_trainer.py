@@ -231,7 +231,8 @@ def test_resume_refuses_another_config_or_data_version(make_config, tmp_path, ar
     with pytest.raises(RunStateError, match="already holds checkpoints .newest stage1-final.: pass --resume"):
         train_arm(config, "sft_tag", 0)
     assert train_arm(config, "sft_tag", 0, resume=True).name == "stage1-final"  # finished: returned as is
-    with pytest.raises(RunStateError, match=r"made with a different config \(train.lr: 0.001 -> 0.002\)"):
+    # the stage inherits train.lr: the message names the stage's resolved value
+    with pytest.raises(RunStateError, match=r"made with a different config \(arms.sft_tag.stages.0.lr: 0.001 -> 0.002\)"):
         train_arm(make_config({"data": {"path": str(data)}, "train": {"lr": 2.0e-3}}), "sft_tag", 0, resume=True)
     data.write_text(data.read_text().replace("Ava has", "Ava holds", 1))
     with pytest.raises(RunStateError, match="made from data version [0-9a-f]{16}, but the data now has version"):
@@ -270,11 +271,11 @@ def test_an_arm_with_a_reused_stage1_resumes_its_stage2(make_config, tmp_path, c
     assert stage1["reused_from"] and list(stage1["config"]["arms"]) == ["sft_tag"]  # the other arm's config
 
     if crash_step == 4:  # the newest checkpoint is the linked stage 1: a change to what made it is named
-        changed, message = {"train": {"save_every": 2, "lr": 2.0e-3}}, r"\(train.lr: 0.001 -> 0.002\)"
+        changed, message = {"train": {"save_every": 2, "lr": 2.0e-3}}, r"\(arms.sftkey_tag.stages.0.lr: 0.001 -> 0.002\)"
     else:  # the newest is stage 2's own: so is a change to stage 2
         stages = [{"name": "stage1", "loss": "sft", "steps": 3}, {"name": "stage2", "loss": "key", "steps": 3, "lr": 2.0e-3}]
         changed = changes | {"arms": {"sftkey_tag": {"format": "tagged", "stages": stages}}}
-        message = r"\(arms.sftkey_tag.stages.1.lr: None -> 0.002\)"
+        message = r"\(arms.sftkey_tag.stages.1.lr: 0.001 -> 0.002\)"  # resolved: it inherited train.lr
     with pytest.raises(RunStateError, match=rf"/checkpoints/{left[-1]}: made with a different config {message}"):
         train_arm(make_config(changed, tmp_path / "killed"), "sftkey_tag", 0, resume=True)
 
@@ -344,3 +345,18 @@ def test_a_resume_on_other_base_weights_is_refused(make_config, tmp_path, tiny_m
     (final / "sftkey.json").write_text(json.dumps(meta))
     with pytest.raises(RunStateError, match="made by an older sftkey that did not record its base model's weights"):
         train_arm(config, "sft_tag", 0, resume=True)
+
+
+def test_step_sums_add_micro_batches_and_average_each_logged_role():
+    from sftkey.roles import ROLE_NAMES
+    from sftkey.train.trainer import StepSums
+
+    answer, eos = ROLE_NAMES.index("answer"), ROLE_NAMES.index("eos")
+    sums = StepSums.zeros()
+    for nll, count in ((3.0, 2.0), (1.0, 2.0)):
+        role_nll, role_count = torch.zeros(len(ROLE_NAMES)), torch.zeros(len(ROLE_NAMES))
+        role_nll[answer], role_count[answer] = nll, count
+        sums.add({"total": torch.tensor(nll), "role_nll": role_nll, "role_count": role_count}, tokens=10)
+    assert (sums.loss.item(), sums.tokens.item()) == (4.0, 20.0)
+    assert sums.role_losses() == {"loss_answer": 1.0}  # (3 + 1) / (2 + 2); eos had no targets: not logged
+    assert sums.role_count[eos].item() == 0.0
