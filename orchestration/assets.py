@@ -14,16 +14,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.config import (
-    BenchmarkAssetConfig,
-    ComparisonAssetConfig,
-    RegistryAssetConfig,
-    TrainingAssetConfig,
-)
+from orchestration.config import BenchmarkSection, PipelineSettings
 from orchestration.dvc_data import DvcResource
 from orchestration.resources import ComputeResource, ModelStore, content_key
-from sftkey.atomic import write_text
 from orchestration.tracking import MlflowResource
+from sftkey.atomic import write_text
 
 # Outputs carry data versions (content keys) so the UI can tell a stale asset; the parameter is beta in 1.13.
 warnings.filterwarnings("ignore", message="Parameter `data_version` of initializer `Output.__init__`",
@@ -35,21 +30,12 @@ ARM_SEED = dg.MultiPartitionsDefinition(
 GROUP = "sftkey"  # one group: the UI draws the whole graph expanded (it folds each of several groups)
 
 
-def training_config(config: TrainingAssetConfig):
-    from sftkey.train.config import config_from_dict
-
-    return config_from_dict(config.training)
-
-
-def data_config(training):
-    """The records part of `training.data` (its DataConfig fields)."""
-    from sftkey.data import DataConfig
-
-    return DataConfig(**{f.name: getattr(training.data, f.name) for f in dataclasses.fields(DataConfig)})
-
-
 def _jsonl(path: Path, rows) -> Path:
     return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _read_jsonl(path: Path, cls) -> list:
+    return [cls(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _md_table(header: list[str], rows: list[list]) -> str:
@@ -62,13 +48,12 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 
 
 @dg.asset(group_name=GROUP, code_version="1")
-def raw_dataset(context: dg.AssetExecutionContext, config: TrainingAssetConfig, store: ModelStore,
+def raw_dataset(context: dg.AssetExecutionContext, settings: PipelineSettings, store: ModelStore,
                 dvc: DvcResource, tracking: MlflowResource) -> dg.Output[dict]:
     """The training records, DVC-tracked (one revision per content version) with their content version."""
     from sftkey.data import content_version, load_records
 
-    training = training_config(config)
-    data = data_config(training)
+    data = settings.config.training_data()
     with tracking.asset_run(context) as run:
         records, source = load_records(data)
         version = content_version(records)
@@ -92,14 +77,14 @@ def raw_dataset(context: dg.AssetExecutionContext, config: TrainingAssetConfig, 
 
 
 @dg.asset(group_name=GROUP, code_version="1")
-def annotated_dataset(context: dg.AssetExecutionContext, config: TrainingAssetConfig, raw_dataset: dict,
+def annotated_dataset(context: dg.AssetExecutionContext, settings: PipelineSettings, raw_dataset: dict,
                       store: ModelStore, dvc: DvcResource, tracking: MlflowResource) -> dg.Output[dict]:
-    """Records split into reasoning and answer, read from the DVC revision raw_dataset made; the exclusion report."""
+    """Records split into reasoning and answer, read from the DVC revision raw_dataset made; the exclusion report.
+    tokenized_dataset reads the records from the folder this writes."""
     from sftkey.annotate import annotate, exclusion_counts
     from sftkey.data import Record
 
-    training = training_config(config)
-    annotation = training.data.annotation
+    annotation = settings.config.training.data.annotation
     with tracking.asset_run(context) as run:
         text = dvc.read_text(raw_dataset["dvc_path"], raw_dataset["dvc_rev"])
         records = [Record(**json.loads(line)) for line in text.splitlines() if line.strip()]
@@ -114,8 +99,9 @@ def annotated_dataset(context: dg.AssetExecutionContext, config: TrainingAssetCo
         run.set_tags({"sftkey.data_version": raw_dataset["data_version"], "sftkey.dvc_rev": raw_dataset["dvc_rev"]})
         run.log_metrics({"kept": len(kept), "excluded": len(excluded), "coverage": coverage})
         run.log_artifact(folder / "exclusions.jsonl")
-    value = {"folder": str(folder), "records": len(records), "kept": len(kept), "excluded": len(excluded),
-             "coverage": coverage, "exclusions_by_reason": reasons, "kept_uids": [a.uid for a in kept]}
+    value = {"folder": str(folder), "key": key, "records": len(records), "kept": len(kept),
+             "excluded": len(excluded), "coverage": coverage, "exclusions_by_reason": reasons,
+             **{k: raw_dataset[k] for k in ("dataset", "split", "source", "data_version", "dvc_rev")}}
     return dg.Output(value, data_version=dg.DataVersion(key), metadata={
         "records": len(records), "kept": len(kept), "excluded": len(excluded), "coverage": coverage,
         "exclusions": dg.MetadataValue.md(_md_table(["reason", "records"], [[r, n] for r, n in reasons.items()])
@@ -125,51 +111,45 @@ def annotated_dataset(context: dg.AssetExecutionContext, config: TrainingAssetCo
 
 
 @dg.asset(group_name=GROUP, code_version="1")
-def tokenized_dataset(context: dg.AssetExecutionContext, config: TrainingAssetConfig, raw_dataset: dict,
-                      annotated_dataset: dict, store: ModelStore, dvc: DvcResource,
-                      tracking: MlflowResource) -> dg.Output[dict]:
-    """The prepared (tokenized, role-tagged) data set in each response format the arms use, DVC-tracked."""
+def tokenized_dataset(context: dg.AssetExecutionContext, settings: PipelineSettings, annotated_dataset: dict,
+                      store: ModelStore, dvc: DvcResource, tracking: MlflowResource) -> dg.Output[dict]:
+    """annotated_dataset's records tokenized and role-tagged in each response format the arms use, DVC-tracked."""
+    from sftkey.annotate import Annotated, Exclusion
     from sftkey.models import identity_params, load_tokenizer, resolve_base_model
-    from sftkey.prepare import prepare, write_prepared
+    from sftkey.prepare import tokenize_records, write_prepared
 
-    training = training_config(config)
+    training = settings.config.training
+    annotated = Path(annotated_dataset["folder"])
+    records = _read_jsonl(annotated / "records.jsonl", Annotated)
+    exclusions = _read_jsonl(annotated / "exclusions.jsonl", Exclusion)
     formats = sorted({arm.format for arm in training.arms.values()})
     base = resolve_base_model(training.model, training.model_fallback)
     tokenizer = load_tokenizer(base.folder)
-    model_folder = str(base.folder)
     prepared_by_format, rows = {}, []
     with tracking.asset_run(context) as run:
         for fmt in formats:
             prepare_config = training.data.prepare_config(fmt == "tagged")
-            key = content_key(raw_dataset["data_version"], dataclasses.asdict(prepare_config), model_folder)
+            key = content_key(annotated_dataset["key"], dataclasses.asdict(prepare_config), str(base.folder))
             with store.claim("prepared", key) as folder:
                 if not (folder / "meta.json").exists():
-                    prepared = prepare(prepare_config, tokenizer)
-                    if prepared.meta["data_version"] != raw_dataset["data_version"]:
-                        raise RuntimeError(
-                            f"{prepared.meta['source']} changed since raw_dataset was materialized (data version "
-                            f"{prepared.meta['data_version'][:12]} vs {raw_dataset['data_version'][:12]}): "
-                            "re-materialize raw_dataset")
-                    write_prepared(prepared, folder)
+                    write_prepared(tokenize_records(records, exclusions, prepare_config, tokenizer,
+                                                    annotated_dataset["data_version"], annotated_dataset["source"]),
+                                   folder)
                 meta = json.loads((folder / "meta.json").read_text())
-            prepared_uids = {json.loads(line)["uid"] for line in (folder / "records.jsonl").open(encoding="utf-8")}
-            if not prepared_uids <= set(annotated_dataset["kept_uids"]):
-                raise RuntimeError(f"{folder}: prepared records that annotated_dataset excluded "
-                                   f"({sorted(prepared_uids - set(annotated_dataset['kept_uids']))[:3]}); the "
-                                   "annotation rules changed: re-materialize annotated_dataset")
-            name = f"{raw_dataset['dataset']}-{raw_dataset['split']}-{fmt}"
+            name = f"{annotated_dataset['dataset']}-{annotated_dataset['split']}-{fmt}"
             tracked = dvc.track(folder, f"prepared/{name}", f"prepared {name} {key}")
+            kept = meta["counts"]["kept"]
             prepared_by_format[fmt] = {"folder": str(folder), "key": key, "dvc_path": tracked.path,
-                                       "dvc_rev": tracked.rev, "kept": meta["counts"]["kept"],
-                                       "tokens_by_role": meta["tokens_by_role"],
+                                       "dvc_rev": tracked.rev, "kept": kept, "annotated": len(records),
+                                       "too_long": len(records) - kept, "tokens_by_role": meta["tokens_by_role"],
                                        "answer_token_share": meta["answer_token_share"]}
-            rows.append([fmt, meta["counts"]["kept"], meta["counts"]["excluded"],
-                         f"{meta['answer_token_share']:.2%}", tracked.rev[:12]])
-            run.log_metrics({f"{fmt}.kept": meta["counts"]["kept"], f"{fmt}.answer_token_share": meta["answer_token_share"]})
+            rows.append([fmt, kept, meta["counts"]["excluded"], f"{meta['answer_token_share']:.2%}", tracked.rev[:12]])
+            run.log_metrics({f"{fmt}.kept": kept, f"{fmt}.answer_token_share": meta["answer_token_share"]})
         run.log_params({"model": training.model, "max_length": training.data.max_length, "formats": formats}
                        | identity_params(base.identity))
-        run.set_tags({"sftkey.data_version": raw_dataset["data_version"], "sftkey.dvc_rev": raw_dataset["dvc_rev"]})
-    value = {"data_version": raw_dataset["data_version"], "dvc_rev": raw_dataset["dvc_rev"],
+        run.set_tags({"sftkey.data_version": annotated_dataset["data_version"],
+                      "sftkey.dvc_rev": annotated_dataset["dvc_rev"]})
+    value = {"data_version": annotated_dataset["data_version"], "dvc_rev": annotated_dataset["dvc_rev"],
              "formats": prepared_by_format, "base_model": base.identity}
     return dg.Output(value, data_version=dg.DataVersion(content_key(prepared_by_format)), metadata={
         "model": f"{base.identity['description']} (weights sha256 {base.identity['weights_sha256'][:16]})",
@@ -195,38 +175,26 @@ def arm_of(training, arm: str, seed: int):
     return training.arms[arm]
 
 
-def finished_stage(folder: Path, seed: int, key: str) -> Path | None:
-    """A final checkpoint with stage key `key` in a store folder, whichever arm trained it (SFTKey-Tag's stage 1
-    is SFT-Tag's): the stage's result, ready to reuse."""
-    from sftkey.train.checkpoint import FINAL_SUFFIX, read_meta
-
-    for meta_file in sorted(folder.glob(f"*/seed{seed}/checkpoints/*{FINAL_SUFFIX}/sftkey.json")):
-        meta = read_meta(meta_file.parent)
-        if meta and meta.get("stage_key") == key:
-            return meta_file.parent
-    return None
+def candidate_model_name(settings: PipelineSettings, arm: str, seed: int) -> str | None:
+    """The MLflow model name of the partition's final model when it is the registry candidate; None otherwise
+    (only the candidate is logged as a model: the others' weights stay in the store)."""
+    config = settings.config
+    return f"{arm}-seed{seed}" if (arm, seed) == (config.candidate_arm, config.candidate_seed) else None
 
 
-def stage_metrics(checkpoint: Path, stage: str) -> list[dict]:
-    """The per-step metrics that the trainer logged for `stage` next to the checkpoint's run."""
-    from sftkey.train.tracking import read_metrics
-    from sftkey.train.trainer import METRICS_FILE
-
-    path = checkpoint.parent.parent / METRICS_FILE
-    return [row for row in read_metrics(path) if row.get("stage") == stage] if path.exists() else []
-
-
-def train_stage(context: dg.AssetExecutionContext, config: TrainingAssetConfig, tokenized: dict, stage_index: int,
+def train_stage(context: dg.AssetExecutionContext, settings: PipelineSettings, tokenized: dict, stage_index: int,
                 init: str, store: ModelStore, compute: ComputeResource, tracking: MlflowResource,
-                log_model: bool) -> dg.Output[dict]:
+                model_name: str | None) -> dg.Output[dict]:
     """Stage `stage_index` of the partition's arm from `init`, in a folder named by the stage's key: a finished
     stage is reused, an interrupted one resumes from its newest checkpoint, a new one trains. The key holds the
-    hash of the base weights as resolved now (with `model_fallback`), as the trainer's does."""
+    hash of the base weights as resolved now (with `model_fallback`), as the trainer's does. `model_name`: log
+    the result as that MLflow model."""
     from sftkey.models import identity_params, resolve_base_model
     from sftkey.train.config import stage_key, training_view
+    from sftkey.train.layout import finished_stage, stage_metrics
 
     arm, seed = partition(context)
-    training = training_config(config)
+    training = settings.config.training
     arm_config = arm_of(training, arm, seed)
     stage = arm_config.stages[stage_index]
     data_version = tokenized["data_version"]
@@ -248,13 +216,13 @@ def train_stage(context: dg.AssetExecutionContext, config: TrainingAssetConfig, 
         rows = stage_metrics(checkpoint, stage.name)
         run.log_metric_rows([(row["step"], {k: v for k, v in row.items() if k not in ("type", "step", "arm", "seed",
                                                                                       "stage")}) for row in rows])
-        model_uri = logged_model_uri(run, checkpoint, store, tracking) if log_model else None
+        model_uri = logged_model_uri(run, checkpoint, model_name, store, tracking) if model_name else None
     losses = [(row["step"], row["loss"]) for row in rows]
+    answer_losses = [(row["step"], row["loss_answer"]) for row in rows if "loss_answer" in row]
     value = {"arm": arm, "seed": seed, "stage": stage.name, "stage_index": stage_index, "key": key,
-             "checkpoint": str(checkpoint), "status": status, "losses": losses,
-             "answer_losses": [(row["step"], row["loss_answer"]) for row in rows if "loss_answer" in row],
-             "data_version": data_version, "dvc_rev": tokenized["dvc_rev"], "mlflow_run_id": run.run_id,
-             "model_uri": model_uri, "base_model": base}
+             "checkpoint": str(checkpoint), "status": status, "losses": losses, "answer_losses": answer_losses,
+             "answer_curve": answer_losses, "data_version": data_version, "dvc_rev": tokenized["dvc_rev"],
+             "mlflow_run_id": run.run_id, "model_uri": model_uri, "base_model": base}
     return dg.Output(value, data_version=dg.DataVersion(key[:20]), metadata={
         "status": status, "stage": stage.name, "loss": stage.loss, "steps": len(rows),
         "final_loss": losses[-1][1] if losses else float("nan"), "checkpoint": dg.MetadataValue.path(str(checkpoint)),
@@ -262,24 +230,24 @@ def train_stage(context: dg.AssetExecutionContext, config: TrainingAssetConfig, 
     })
 
 
-def logged_model_uri(run, checkpoint: Path, store: ModelStore, tracking: MlflowResource) -> str:
-    """Log the checkpoint as an MLflow transformers model, once per checkpoint and tracking store: a reused
+def logged_model_uri(run, checkpoint: Path, name: str, store: ModelStore, tracking: MlflowResource) -> str:
+    """Log the checkpoint as the MLflow model `name`, once per checkpoint, name and tracking store: a reused
     checkpoint points at the model logged before instead of copying its weights again."""
-    key = content_key(str(checkpoint), tracking.resolve_uri(), checkpoint_weights_sha256(checkpoint))
+    key = content_key(str(checkpoint), name, tracking.resolve_uri(), checkpoint_weights_sha256(checkpoint))
     with store.claim("logged_models", key) as folder:
         record = folder / "model.json"
         if record.exists():
-            uri = json.loads(record.read_text())["model_uri"]
-            run.set_tags({"sftkey.model_logged_in_run": json.loads(record.read_text())["run_id"]})
-            return uri
-        uri = run.log_model(checkpoint)
+            logged = json.loads(record.read_text())
+            run.set_tags({"sftkey.model_logged_in_run": logged["run_id"]})
+            return logged["model_uri"]
+        uri = run.log_model(checkpoint, name)
         write_text(record, json.dumps({"model_uri": uri, "run_id": run.run_id}) + "\n")
     return uri
 
 
-def passed_through(context: dg.AssetExecutionContext, training, stage1: dict, store: ModelStore,
+def passed_through(context: dg.AssetExecutionContext, settings: PipelineSettings, stage1: dict, store: ModelStore,
                    tracking: MlflowResource) -> dg.Output[dict]:
-    """stage2_model of a one-stage arm: its stage-1 model, logged to MLflow as the arm's final model."""
+    """stage2_model of a one-stage arm: its stage-1 model (logged to MLflow when it is the candidate)."""
     from sftkey.models import identity_params
     from sftkey.train.checkpoint import read_meta
     from sftkey.train.config import training_view
@@ -290,12 +258,13 @@ def passed_through(context: dg.AssetExecutionContext, training, stage1: dict, st
     tags = {"sftkey.arm": arm, "sftkey.seed": str(seed), "sftkey.stage": stage1["stage"],
             "sftkey.stage_key": stage1["key"], "sftkey.data_version": stage1["data_version"],
             "sftkey.dvc_rev": stage1["dvc_rev"]}
+    name = candidate_model_name(settings, arm, seed)
     with tracking.asset_run(context, tags=tags) as run:
         base = (read_meta(Path(stage1["checkpoint"])) or {}).get("base_model") or {}  # what it was trained from
-        run.log_params(training_view(training, arm, seed) | {"init": stage1["checkpoint"], "skipped": True}
-                       | identity_params(base))
-        model_uri = logged_model_uri(run, Path(stage1["checkpoint"]), store, tracking)
-    value = dict(stage1, status="skipped", losses=[], mlflow_run_id=run.run_id, model_uri=model_uri)
+        run.log_params(training_view(settings.config.training, arm, seed)
+                       | {"init": stage1["checkpoint"], "skipped": True} | identity_params(base))
+        model_uri = logged_model_uri(run, Path(stage1["checkpoint"]), name, store, tracking) if name else None
+    value = dict(stage1, status="skipped", losses=[], answer_losses=[], mlflow_run_id=run.run_id, model_uri=model_uri)
     return dg.Output(value, data_version=dg.DataVersion(stage1["key"][:20]), metadata={
         "status": "skipped", "why": why, "checkpoint": dg.MetadataValue.path(stage1["checkpoint"]),
         "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
@@ -303,27 +272,25 @@ def passed_through(context: dg.AssetExecutionContext, training, stage1: dict, st
 
 
 @dg.asset(partitions_def=ARM_SEED, group_name=GROUP, code_version="1")
-def stage1_model(context: dg.AssetExecutionContext, config: TrainingAssetConfig, tokenized_dataset: dict,
+def stage1_model(context: dg.AssetExecutionContext, settings: PipelineSettings, tokenized_dataset: dict,
                  store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
     """The arm's first stage from the base model (SFT-Tag: SFT on the tagged response; Key-Tag: answer only)."""
-    training = training_config(config)
-    return train_stage(context, config, tokenized_dataset, 0, training.model, store, compute, tracking,
-                       log_model=False)
+    return train_stage(context, settings, tokenized_dataset, 0, settings.config.training.model, store, compute,
+                       tracking, model_name=None)
 
 
 @dg.asset(partitions_def=ARM_SEED, group_name=GROUP, code_version="1")
-def stage2_model(context: dg.AssetExecutionContext, config: TrainingAssetConfig, tokenized_dataset: dict,
+def stage2_model(context: dg.AssetExecutionContext, settings: PipelineSettings, tokenized_dataset: dict,
                  stage1_model: dict, store: ModelStore, compute: ComputeResource,
                  tracking: MlflowResource) -> dg.Output[dict]:
     """The arm's second stage from its stage-1 weights (SFTKey-Tag: loss on the answer span only); an arm with
-    one stage passes its stage-1 model through. Either way the arm's final model is logged to MLflow here."""
+    one stage passes its stage-1 model through. The registry candidate's final model is logged to MLflow here."""
     arm, seed = partition(context)
-    training = training_config(config)
-    if len(arm_of(training, arm, seed).stages) < 2:
-        return passed_through(context, training, stage1_model, store, tracking)
-    output = train_stage(context, config, tokenized_dataset, 1, stage1_model["checkpoint"], store, compute,
-                         tracking, log_model=True)
-    output.value["answer_losses"] = stage1_model["answer_losses"] + output.value["answer_losses"]  # both stages
+    if len(arm_of(settings.config.training, arm, seed).stages) < 2:
+        return passed_through(context, settings, stage1_model, store, tracking)
+    output = train_stage(context, settings, tokenized_dataset, 1, stage1_model["checkpoint"], store, compute,
+                         tracking, model_name=candidate_model_name(settings, arm, seed))
+    output.value["answer_curve"] = stage1_model["answer_losses"] + output.value["answer_losses"]  # both stages
     return output
 
 
@@ -336,30 +303,27 @@ def partition_record_path(store: ModelStore, arm: str, seed: int) -> Path:
 
 
 @dg.asset(partitions_def=ARM_SEED, group_name=GROUP, code_version="1")
-def benchmark_scores(context: dg.AssetExecutionContext, config: BenchmarkAssetConfig, stage2_model: dict,
+def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettings, stage2_model: dict,
                      store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
     """The arm's final model answers the held-out questions: our scorer (strict, lenient, format) and the
     lm-eval tasks. Outputs are resumable: a crash mid-benchmark continues where it stopped."""
-    from orchestration.config import benchmark_data
-    from sftkey.evaluate import OUTPUTS, SUMMARY, EvalConfig, evaluate
+    from sftkey.evaluate import OUTPUTS, SUMMARY, EvalConfig, evaluate, outcomes_from_rows
     from sftkey.generate import GenerationConfig
 
     arm, seed = partition(context)
-    bench = config.model_dump()
-    key = score_key(stage2_model, bench)
-    data = benchmark_data(config)
-    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=False)
+    bench = settings.config.benchmark
+    key = score_key(stage2_model, dataclasses.asdict(bench))
+    generation = GenerationConfig(max_new_tokens=bench.max_new_tokens, batch_size=bench.batch_size, progress=False)
     with tracking.asset_run(context, tags={"sftkey.arm": arm, "sftkey.seed": str(seed)}) as run:
-        run.log_params({"benchmark": bench, "checkpoint": stage2_model["checkpoint"]})
+        run.log_params({"benchmark": dataclasses.asdict(bench), "checkpoint": stage2_model["checkpoint"]})
         with store.claim("scores", key) as folder:
-            summary = evaluate(EvalConfig(checkpoint=stage2_model["checkpoint"], data=data, generation=generation,
-                                          out=str(folder), device=compute.resolved_device()))
+            summary = evaluate(EvalConfig(checkpoint=stage2_model["checkpoint"], data=bench.data(),
+                                          generation=generation, out=str(folder), device=compute.resolved_device()))
             rows = [json.loads(line) for line in (folder / OUTPUTS).read_text(encoding="utf-8").splitlines()]
             metrics = dict(summary["metrics"])
-            if config.lm_eval_tasks:
-                metrics.update(lm_eval_metrics(config, stage2_model["checkpoint"], compute, folder))
-        outcomes = {row["uid"]: bool(row["strict_correct"]) for row in rows}
-        formats = {row["uid"]: bool(row["format_ok"]) for row in rows} if summary["tagged"] else None
+            if bench.lm_eval_tasks:
+                metrics.update(lm_eval_metrics(bench, stage2_model["checkpoint"], compute, folder))
+        outcomes, formats = outcomes_from_rows(rows)
         write_text(folder / "outcomes.json", json.dumps(outcomes, indent=1, sort_keys=True) + "\n")
         run.log_metrics({name: value for name, value in metrics.items() if value is not None})  # n/a: not logged
         run.log_artifact(folder / "outcomes.json")
@@ -372,7 +336,7 @@ def benchmark_scores(context: dg.AssetExecutionContext, config: BenchmarkAssetCo
               "folder": str(folder), "benchmark_run_id": run.run_id, "model_uri": stage2_model.get("model_uri"),
               "model_run_id": stage2_model.get("mlflow_run_id"), "checkpoint": stage2_model["checkpoint"],
               "data_version": stage2_model["data_version"], "dvc_rev": stage2_model["dvc_rev"],
-              "losses": stage2_model.get("answer_losses", [])}
+              "losses": stage2_model.get("answer_curve", [])}
     write_text(partition_record_path(store, arm, seed), json.dumps(record, indent=1) + "\n")
     samples = rows[:3]
     return dg.Output(record, metadata={
@@ -397,17 +361,17 @@ def score_key(model: dict, bench: dict) -> str:
     return content_key(model["key"], bench, checkpoint_weights_sha256(model["checkpoint"]))
 
 
-def lm_eval_metrics(config: BenchmarkAssetConfig, checkpoint: str, compute: ComputeResource, folder: Path) -> dict:
+def lm_eval_metrics(bench: BenchmarkSection, checkpoint: str, compute: ComputeResource, folder: Path) -> dict:
     """lm-eval's metrics for the configured tasks, cached in the scores folder (lm-eval cannot resume)."""
     from evals.run import BenchConfig, flat_metrics, run
 
     cache = folder / "lm_eval.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    bench = BenchConfig(checkpoint=checkpoint, tasks=list(config.lm_eval_tasks), split=config.split,
-                        limit=config.lm_eval_limit, batch_size=config.batch_size,
-                        max_new_tokens=config.max_new_tokens, device=compute.resolved_device())
-    metrics = flat_metrics(run(bench))
+    config = BenchConfig(checkpoint=checkpoint, tasks=list(bench.lm_eval_tasks), split=bench.split,
+                         limit=bench.lm_eval_limit, batch_size=bench.batch_size,
+                         max_new_tokens=bench.max_new_tokens, device=compute.resolved_device())
+    metrics = flat_metrics(run(config))
     write_text(cache, json.dumps(metrics, indent=1) + "\n")
     return metrics
 
@@ -419,63 +383,57 @@ def _png_markdown(path: Path, title: str) -> str:
     return f"![{title}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
 
 
-@dg.asset(deps=[benchmark_scores], group_name=GROUP, code_version="1")
-def arm_comparison(context: dg.AssetExecutionContext, config: ComparisonAssetConfig, store: ModelStore,
-                   tracking: MlflowResource) -> dg.Output[dict]:
-    """Every arm x seed of this pipeline run: accuracy with intervals, seed-aware tests against the baseline arm
-    (arms sharing a stage with it paired by seed, Holm-corrected), the table as Markdown, plots."""
-    from sftkey.compare import (
-        arms_sharing_a_stage,
-        compare_with_baseline,
-        plot_accuracy,
-        plot_loss_curves,
-        summarize_arms,
-        to_json,
-        to_markdown,
-    )
-
+def partition_records(store: ModelStore, arms: list[str], seeds: list[int]) -> dict[tuple[str, int], dict]:
+    """benchmark_scores' record of every arm x seed of this pipeline run."""
     records = {}
-    for arm in config.arms:
-        for seed in config.seeds:
+    for arm in arms:
+        for seed in seeds:
             path = partition_record_path(store, arm, seed)
             if not path.exists():
                 raise FileNotFoundError(f"no benchmark_scores for arm {arm!r} seed {seed} in this pipeline run "
                                         f"({path}): materialize benchmark_scores for partition {arm}|{seed} first")
             records[(arm, seed)] = json.loads(path.read_text())
-    correct = {arm: {seed: records[arm, seed]["outcomes"] for seed in config.seeds} for arm in config.arms}
-    formats = {arm: {seed: records[arm, seed]["format_ok"] for seed in config.seeds} for arm in config.arms
-               if all(records[arm, seed]["format_ok"] is not None for seed in config.seeds)}  # tagged arms only
+    return records
+
+
+@dg.asset(deps=[benchmark_scores], group_name=GROUP, code_version="1")
+def arm_comparison(context: dg.AssetExecutionContext, settings: PipelineSettings, store: ModelStore,
+                   tracking: MlflowResource) -> dg.Output[dict]:
+    """Every arm x seed of this pipeline run: accuracy with intervals, seed-aware tests against the baseline arm
+    (arms sharing a stage with it paired by seed, Holm-corrected), the table as Markdown, plots."""
+    from sftkey.compare import write_report
+
+    config = settings.config
+    arms, seeds, baseline = config.arms, config.seeds, config.baseline_arm
+    records = partition_records(store, arms, seeds)
+    correct = {arm: {seed: records[arm, seed]["outcomes"] for seed in seeds} for arm in arms}
+    formats = {arm: {seed: records[arm, seed]["format_ok"] for seed in seeds} for arm in arms
+               if all(records[arm, seed]["format_ok"] is not None for seed in seeds)}  # tagged arms only
     stage_keys = {(arm, seed): record["stage_keys"] for (arm, seed), record in records.items()}
-    summaries = summarize_arms(correct, formats)
-    comparisons = compare_with_baseline(correct, config.baseline_arm,
-                                        arms_sharing_a_stage(correct, stage_keys, config.baseline_arm))
-    out = store.run_folder("comparison")
+    curves = {arm: [tuple(point) for point in records[arm, seeds[0]]["losses"]] for arm in arms}
     warnings = [f"{arm} seed {seed}: {w}" for (arm, seed), record in records.items() for w in record["warnings"]]
-    table = to_markdown(summaries, comparisons) + "".join(f"\nwarning: {w}\n" for w in warnings)
-    write_text(out / "comparison.md", table)
-    to_json(out / "comparison.json", summaries, comparisons)
-    plots = [plot_accuracy(summaries, out / "accuracy.png")]
-    curves = {arm: [tuple(point) for point in records[arm, config.seeds[0]]["losses"]] for arm in config.arms}
-    if all(curves.values()):
-        plots.append(plot_loss_curves(curves, out / "answer_loss.png"))
+    out = store.run_folder("comparison")
+    report = write_report(out, correct, formats, stage_keys, baseline,
+                          curves=curves if all(curves.values()) else None, warnings=warnings)
     with tracking.asset_run(context) as run:
-        run.log_params({"arms": config.arms, "seeds": config.seeds, "baseline_arm": config.baseline_arm})
-        for summary in summaries:
+        run.log_params({"arms": arms, "seeds": seeds, "baseline_arm": baseline})
+        for summary in report.summaries:
             run.log_metrics({f"{summary.arm}.accuracy": summary.accuracy} | (
                 {} if summary.format_accuracy is None else {f"{summary.arm}.format_accuracy": summary.format_accuracy}))
-        for comparison in comparisons:
+        for comparison in report.comparisons:
             run.log_metrics({f"{comparison.arm}.difference_points": comparison.difference,
                              f"{comparison.arm}.p_value": comparison.p_value,
                              f"{comparison.arm}.p_holm": comparison.p_value if comparison.p_adjusted is None
                              else comparison.p_adjusted})
-        for name in ("comparison.md", "comparison.json", *(p.name for p in plots)):
-            run.log_artifact(out / name)
-    value = {"table": table, "verdicts": [c.verdict() for c in comparisons], "folder": str(out),
+        for path in [*report.files, *report.plots]:  # answer_loss/<arm>.csv keeps its folder
+            folder = path.parent.relative_to(out).as_posix()
+            run.log_artifact(path, None if folder == "." else folder)
+    value = {"table": report.table, "verdicts": [c.verdict() for c in report.comparisons], "folder": str(out),
              "records": {f"{arm}|{seed}": record for (arm, seed), record in records.items()},
              "mlflow_run_id": run.run_id}
     return dg.Output(value, metadata={
-        "comparison": dg.MetadataValue.md(table),
-        "plots": dg.MetadataValue.md("\n\n".join(_png_markdown(p, p.stem) for p in plots)),
+        "comparison": dg.MetadataValue.md(report.table),
+        "plots": dg.MetadataValue.md("\n\n".join(_png_markdown(p, p.stem) for p in report.plots)),
         "folder": dg.MetadataValue.path(str(out)),
         "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
         "model_runs": dg.MetadataValue.md("\n".join(
@@ -486,7 +444,7 @@ def arm_comparison(context: dg.AssetExecutionContext, config: ComparisonAssetCon
 
 
 @dg.asset(group_name=GROUP, code_version="1")
-def registered_model(context: dg.AssetExecutionContext, config: RegistryAssetConfig, arm_comparison: dict,
+def registered_model(context: dg.AssetExecutionContext, settings: PipelineSettings, arm_comparison: dict,
                      tracking: MlflowResource) -> dg.Output[dict]:
     """The candidate arm's model in the MLflow registry, aliased `challenger`: a new version, or the earlier one
     of the same weights scored on the same benchmark (a rerun adds none). Tagged with what the gate pairs on."""
@@ -494,28 +452,30 @@ def registered_model(context: dg.AssetExecutionContext, config: RegistryAssetCon
                                         benchmark_identity, register_candidate, registration_tags)
     from sftkey.evaluate import SUMMARY
 
-    record = arm_comparison["records"].get(f"{config.candidate_arm}|{config.candidate_seed}")
+    config = settings.config
+    arm, seed, model_name = config.candidate_arm, config.candidate_seed, config.promotion.model_name
+    record = arm_comparison["records"].get(f"{arm}|{seed}")
     if record is None:
-        raise ValueError(f"candidate arm {config.candidate_arm!r} seed {config.candidate_seed} is not among the "
-                         f"compared runs ({', '.join(arm_comparison['records'])}): set promotion.candidate_arm")
+        raise ValueError(f"candidate arm {arm!r} seed {seed} is not among the compared runs "
+                         f"({', '.join(arm_comparison['records'])}): set promotion.candidate_arm")
     if not record.get("model_uri"):
-        raise ValueError(f"arm {config.candidate_arm!r} seed {config.candidate_seed}: no logged model to register")
+        raise ValueError(f"arm {arm!r} seed {seed}: no logged model to register")
     summary = json.loads((Path(record["folder"]) / SUMMARY).read_text(encoding="utf-8"))
     with tracking.asset_run(context) as run:
-        tags = {"sftkey.arm": config.candidate_arm, "sftkey.seed": config.candidate_seed,
+        tags = {"sftkey.arm": arm, "sftkey.seed": seed,
                 "sftkey.data_version": record["data_version"], "sftkey.dvc_rev": record["dvc_rev"],
                 BENCHMARK_RUN_TAG: record["benchmark_run_id"], WEIGHTS_TAG: summary["model"]["weights_sha256"],
                 BENCHMARK_TAG: json.dumps(benchmark_identity(summary), sort_keys=True),
                 **registration_tags(tracking.parent_run_id),
                 **{f"metric.{k}": v for k, v in record["metrics"].items() if isinstance(v, (int, float))}}
-        version = register_candidate(tracking.client(), config.model_name, record["model_uri"],
+        version = register_candidate(tracking.client(), model_name, record["model_uri"],
                                      record["model_run_id"], tags, tracking.resolve_uri())
         reused = version.tags.get(BENCHMARK_RUN_TAG) != record["benchmark_run_id"]  # an earlier run's version
-        run.log_params({"model_name": config.model_name, "version": version.version, **tags})
-    value = {"name": config.model_name, "version": str(version.version), "arm": config.candidate_arm,
-             "seed": config.candidate_seed, "metrics": record["metrics"], "reused": reused}
+        run.log_params({"model_name": model_name, "version": version.version, **tags})
+    value = {"name": model_name, "version": str(version.version), "arm": arm, "seed": seed,
+             "metrics": record["metrics"], "reused": reused}
     return dg.Output(value, metadata={
-        "model": f"{config.model_name} v{version.version} (@{CHALLENGER})"
+        "model": f"{model_name} v{version.version} (@{CHALLENGER})"
                  + (" (reused: same weights, same benchmark)" if reused else ""),
         "model_run": dg.MetadataValue.url(tracking.run_url(record["model_run_id"])),
         "strict_accuracy": float(record["metrics"]["strict_accuracy"]),

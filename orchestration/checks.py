@@ -1,79 +1,118 @@
-"""Asset checks: annotation coverage, finite training losses, format accuracy, answers cut by the length cap (a
-warning), and the promotion gate.
+"""Asset checks: annotation coverage, examples dropped by the length limit, stage 2's answer loss falling, format
+accuracy, answers cut by the length cap (a warning), and the promotion gate.
 
-The gate is blocking: when it fails, `champion_model` (which moves the registry's `champion` alias) does not run.
+Each check's rule is a plain function of plain values returning (passed, metadata), so its failing path is tested
+without Dagster; thresholds come from the pipeline YAML's `checks:` section. The gate is blocking: when it fails,
+`champion_model` (which moves the registry's `champion` alias) does not run.
 """
 
 
-import math
 import warnings
 
 import dagster as dg
 
-from orchestration.assets import ARM_SEED, annotated_dataset, benchmark_scores, registered_model, stage1_model, stage2_model
-from orchestration.config import CoverageCheckConfig, FormatCheckConfig, GateCheckConfig
+from orchestration.assets import ARM_SEED, annotated_dataset, benchmark_scores, registered_model, stage2_model, tokenized_dataset
+from orchestration.config import PipelineSettings
 from orchestration.tracking import MlflowResource
 
 # Checks partitioned like their asset (one evaluation per arm x seed) are "preview" in Dagster 1.13.
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
 
 
-@dg.asset_check(asset=annotated_dataset, description="kept records / loaded records is at least min_coverage")
-def check_annotated_dataset_coverage(config: CoverageCheckConfig, annotated_dataset: dict) -> dg.AssetCheckResult:
-    coverage = annotated_dataset["coverage"]
-    return dg.AssetCheckResult(passed=coverage >= config.min_coverage, metadata={
-        "coverage": coverage, "min_coverage": config.min_coverage,
-        "exclusions_by_reason": dg.MetadataValue.json(annotated_dataset["exclusions_by_reason"]),
-    })
+# ---------------------------------------------------------------------------------- the rules
 
 
-def _loss_check(model: dict) -> dg.AssetCheckResult:
-    """Every logged loss of the stage is finite (a skipped stage has none and passes)."""
-    losses = model.get("losses", [])
-    bad = [(step, loss) for step, loss in losses if not math.isfinite(loss)]
-    return dg.AssetCheckResult(passed=not bad, metadata={
-        "logged_losses": len(losses), "non_finite": len(bad),
-        "first_non_finite_step": bad[0][0] if bad else -1,
-        "final_loss": losses[-1][1] if losses else float("nan"),
-    })
+def coverage_rule(kept: int, records: int, min_coverage: float) -> tuple[bool, dict]:
+    """Kept records over loaded records is at least `min_coverage` (no records: 0 coverage)."""
+    coverage = kept / records if records else 0.0
+    return coverage >= min_coverage, {"coverage": coverage, "min_coverage": min_coverage}
 
 
-@dg.asset_check(asset=stage1_model, partitions_def=ARM_SEED, description="no NaN or infinite loss in the stage's training log")
-def check_stage1_model_loss_finite(stage1_model: dict) -> dg.AssetCheckResult:
-    return _loss_check(stage1_model)
+def too_long_rule(by_format: dict[str, tuple[int, int]], max_share: float) -> tuple[bool, dict]:
+    """In every format, (annotated records, dropped as too long) drops at most `max_share` of the records."""
+    shares = {fmt: (too_long / annotated if annotated else 0.0) for fmt, (annotated, too_long) in by_format.items()}
+    worst = max(shares.values(), default=0.0)
+    return worst <= max_share, {"too_long_share": worst, "max_too_long_share": max_share,
+                                **{f"{fmt}.too_long_share": share for fmt, share in shares.items()}}
 
 
-@dg.asset_check(asset=stage2_model, partitions_def=ARM_SEED, description="no NaN or infinite loss in the stage's training log")
-def check_stage2_model_loss_finite(stage2_model: dict) -> dg.AssetCheckResult:
-    return _loss_check(stage2_model)
+def loss_drop_rule(losses: list[tuple[int, float]], min_drop: float) -> tuple[bool, dict]:
+    """The loss ends below its start by at least `min_drop` (a fraction of the start): the mean of the last quarter
+    of the logged steps against the mean of the first quarter (one step each for fewer than 8). No steps: n/a."""
+    if not losses:
+        return True, {"steps": 0}
+    window = max(1, len(losses) // 4)
+    start = sum(loss for _, loss in losses[:window]) / window
+    end = sum(loss for _, loss in losses[-window:]) / window
+    drop = (start - end) / start if start > 0 else 0.0
+    passed = end < start and drop >= min_drop
+    return passed, {"steps": len(losses), "start": start, "end": end, "drop": drop, "min_drop": min_drop}
 
 
-@dg.asset_check(asset=benchmark_scores, partitions_def=ARM_SEED, description="format accuracy is at least min_format_accuracy")
-def check_benchmark_scores_format_accuracy(config: FormatCheckConfig, benchmark_scores: dict) -> dg.AssetCheckResult:
-    accuracy = benchmark_scores["metrics"]["format_accuracy"]
-    if accuracy is None:  # the plain arm writes no tags: there is no format to check
-        return dg.AssetCheckResult(passed=True, description="n/a: untagged (plain) arm", metadata={
-            "format_accuracy": "n/a", "min_format_accuracy": config.min_format_accuracy})
-    return dg.AssetCheckResult(passed=accuracy >= config.min_format_accuracy, metadata={
-        "format_accuracy": accuracy, "min_format_accuracy": config.min_format_accuracy,
-    })
+def minimum_rule(name: str, value: float | None, minimum: float) -> tuple[bool, dict]:
+    """`value` is at least `minimum`; None (not applicable) passes."""
+    if value is None:
+        return True, {name: "n/a", f"min_{name}": minimum}
+    return value >= minimum, {name: value, f"min_{name}": minimum}
+
+
+def maximum_rule(name: str, value: float, maximum: float) -> tuple[bool, dict]:
+    """`value` is at most `maximum`."""
+    return value <= maximum, {name: value, f"max_{name}": maximum}
+
+
+# ---------------------------------------------------------------------------------- the checks
+
+
+@dg.asset_check(asset=annotated_dataset, description="kept records / loaded records is at least "
+                                                     "checks.min_annotation_coverage")
+def check_annotated_dataset_coverage(settings: PipelineSettings, annotated_dataset: dict) -> dg.AssetCheckResult:
+    passed, metadata = coverage_rule(annotated_dataset["kept"], annotated_dataset["records"],
+                                     settings.config.checks.min_annotation_coverage)
+    return dg.AssetCheckResult(passed=passed, metadata={
+        **metadata, "exclusions_by_reason": dg.MetadataValue.json(annotated_dataset["exclusions_by_reason"])})
+
+
+@dg.asset_check(asset=tokenized_dataset, description="in every response format, at most checks.max_too_long_share "
+                                                     "of the annotated records exceed training.data.max_length")
+def check_tokenized_dataset_too_long(settings: PipelineSettings, tokenized_dataset: dict) -> dg.AssetCheckResult:
+    by_format = {fmt: (entry["annotated"], entry["too_long"]) for fmt, entry in tokenized_dataset["formats"].items()}
+    passed, metadata = too_long_rule(by_format, settings.config.checks.max_too_long_share)
+    return dg.AssetCheckResult(passed=passed, metadata=metadata)
+
+
+@dg.asset_check(asset=stage2_model, partitions_def=ARM_SEED,
+                description="stage 2's answer loss ends below its start (by checks.min_answer_loss_drop); "
+                            "n/a for a one-stage arm")
+def check_stage2_model_answer_loss(settings: PipelineSettings, stage2_model: dict) -> dg.AssetCheckResult:
+    passed, metadata = loss_drop_rule(stage2_model["answer_losses"], settings.config.checks.min_answer_loss_drop)
+    return dg.AssetCheckResult(passed=passed, metadata=metadata,
+                               description=None if stage2_model["answer_losses"] else "n/a: no second stage")
 
 
 @dg.asset_check(asset=benchmark_scores, partitions_def=ARM_SEED,
-                description="at most 5% of the answers were cut by the new-token cap (else accuracy is a floor)")
-def check_benchmark_scores_length_cap(benchmark_scores: dict) -> dg.AssetCheckResult:
-    from sftkey.evaluate import LENGTH_CAP_WARNING_SHARE
+                description="format accuracy is at least checks.min_format_accuracy")
+def check_benchmark_scores_format_accuracy(settings: PipelineSettings, benchmark_scores: dict) -> dg.AssetCheckResult:
+    accuracy = benchmark_scores["metrics"]["format_accuracy"]
+    passed, metadata = minimum_rule("format_accuracy", accuracy, settings.config.checks.min_format_accuracy)
+    return dg.AssetCheckResult(passed=passed, metadata=metadata,  # the plain arm writes no tags: nothing to check
+                               description="n/a: untagged (plain) arm" if accuracy is None else None)
 
-    share = benchmark_scores["metrics"]["length_cap_share"]
+
+@dg.asset_check(asset=benchmark_scores, partitions_def=ARM_SEED,
+                description="at most checks.max_length_cap_share of the answers were cut by the new-token cap (a "
+                            "warning: their accuracy is a floor, the run is not broken)")
+def check_benchmark_scores_length_cap(settings: PipelineSettings, benchmark_scores: dict) -> dg.AssetCheckResult:
+    passed, metadata = maximum_rule("length_cap_share", benchmark_scores["metrics"]["length_cap_share"],
+                                    settings.config.checks.max_length_cap_share)
     return dg.AssetCheckResult(
-        passed=share <= LENGTH_CAP_WARNING_SHARE, severity=dg.AssetCheckSeverity.WARN,
+        passed=passed, severity=dg.AssetCheckSeverity.WARN,
         description="; ".join(benchmark_scores.get("warnings", [])) or None,
-        metadata={"length_cap_share": share, "max_share": LENGTH_CAP_WARNING_SHARE,
-                  "max_new_tokens": benchmark_scores.get("max_new_tokens") or -1})
+        metadata={**metadata, "max_new_tokens": benchmark_scores.get("max_new_tokens") or -1})
 
 
 # The checks whose ERROR-severity failure bars promotion: partitioned ones count on the candidate's arm x seed.
-GATED_CHECKS = [check_annotated_dataset_coverage, check_stage1_model_loss_finite, check_stage2_model_loss_finite,
+GATED_CHECKS = [check_annotated_dataset_coverage, check_tokenized_dataset_too_long, check_stage2_model_answer_loss,
                 check_benchmark_scores_format_accuracy, check_benchmark_scores_length_cap]
 
 
@@ -108,14 +147,15 @@ def failed_checks(instance: dg.DagsterInstance, run_tags: dict, partition: str) 
                 description="the candidate passed every check and beats the champion on the same benchmark by the "
                             "margin with a significant paired test, or reaches min_accuracy when there is no "
                             "champion; records the decision and evidence as version tags")
-def check_registered_model_promotion_gate(context: dg.AssetCheckExecutionContext, config: GateCheckConfig,
+def check_registered_model_promotion_gate(context: dg.AssetCheckExecutionContext, settings: PipelineSettings,
                                           registered_model: dict, tracking: MlflowResource) -> dg.AssetCheckResult:
     from orchestration.registry import evaluate_gate
 
+    promotion = settings.config.promotion
     partition = f"{registered_model['arm']}|{registered_model['seed']}"
     failed = failed_checks(context.instance, dict(context.run.tags), partition)
     decision = evaluate_gate(tracking.client(), registered_model["name"], registered_model["version"],
-                             config.margin_points, config.alpha, config.min_accuracy, failed)
+                             promotion.margin_points, promotion.alpha, promotion.min_accuracy, failed)
     return dg.AssetCheckResult(passed=decision.promote, description=decision.reason, metadata={
         "decision": "promote" if decision.promote else "refuse", "reason": decision.reason,
         "candidate_accuracy": decision.candidate_accuracy,
@@ -127,6 +167,4 @@ def check_registered_model_promotion_gate(context: dg.AssetCheckExecutionContext
     })
 
 
-ALL_CHECKS = [check_annotated_dataset_coverage, check_stage1_model_loss_finite, check_stage2_model_loss_finite,
-              check_benchmark_scores_format_accuracy, check_benchmark_scores_length_cap,
-              check_registered_model_promotion_gate]
+ALL_CHECKS = [*GATED_CHECKS, check_registered_model_promotion_gate]

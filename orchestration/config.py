@@ -2,12 +2,17 @@
 the benchmark, the checks' thresholds, the promotion rule, and where tracking, DVC and outputs live.
 
 Loading checks everything that needs no data or model and names the file, the line and the key of a bad value.
-The loaded config becomes Dagster run config (`run_config`) and resources (`resources`); relative paths are
-resolved against the folder the command runs in.
+Each section is parsed once into a typed dataclass (the training config into sftkey's TrainConfig); the assets
+read them from one resource, `PipelineSettings`, and the other resources are built from their sections
+(`resources`). Relative paths are resolved against the folder the command runs in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,80 +21,51 @@ import dagster as dg
 import yaml
 
 from orchestration.registry import DEFAULT_MIN_ACCURACY
+from sftkey.config_file import ConfigError, ConfigSource, build_dataclass, read_yaml
 from sftkey.data import DataConfig, DataError, can_share_records, held_out_config
 from sftkey.data.overlap import describe
-from sftkey.train.config import (STAGE_NAME, ConfigError, ConfigSource, TrainConfig, build_dataclass, config_from_dict,
-                                 read_yaml)
+from sftkey.evaluate import LENGTH_CAP_WARNING_SHARE
+from sftkey.train.config import STAGE_NAME, TrainConfig, config_from_dict
 
 MAX_STAGES = 2  # the graph has stage1_model and stage2_model
 UI_RUN_DIR = "ui"  # runs launched from the Dagster UI share <work_dir>/runs/ui/
 BENCHMARK_COUNTS = ("limit", "max_new_tokens", "batch_size", "lm_eval_limit")  # each >= 1 when given
 
 
-# ---------------------------------------------------------------------------------- asset configs (Dagster)
+@dataclass
+class BenchmarkSection:
+    """`benchmark:`: which held-out questions each model answers, how, and which lm-eval tasks run besides our scorer."""
 
+    dataset: str = field(default="gsm8k", metadata={"help": "gsm8k, svamp, math500 or jsonl"})
+    split: str = field(default="test", metadata={"help": "held out: never the training split"})
+    path: str | None = field(default=None, metadata={"help": "explicit data file or folder"})
+    limit: int | None = field(default=50, metadata={"help": "questions answered (a seeded subsample)"})
+    seed: int = field(default=0, metadata={"help": "of the subsample and of a single-split set's carve (the training "
+                                                   "data's carve wins when both are halves of one set)"})
+    test_fraction: float = field(default=0.3, metadata={"help": "of a carved single-split set (as seed)"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "None: the data set's own cap"})
+    batch_size: int = field(default=16, metadata={"help": "questions generated together"})
+    lm_eval_tasks: list[str] = field(default_factory=list, metadata={"help": "lm-eval tasks of evals/run.py, e.g. gsm8k_tagged"})
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "questions per lm-eval task (None: all)"})
 
-class TrainingAssetConfig(dg.Config):
-    """The `sftkey train` config (model, data, train, arms, seeds) that the data and stage assets read."""
-
-    training: dict[str, Any] = {}
-
-
-class BenchmarkAssetConfig(dg.Config):
-    """Which questions each model answers, how, and which lm-eval tasks run besides our scorer
-    (the pipeline YAML's `benchmark:` section)."""
-
-    dataset: str = "gsm8k"  # gsm8k, svamp, math500 or jsonl
-    split: str = "test"  # held out: never the training split
-    path: str | None = None  # explicit data file or folder
-    limit: int | None = 50  # questions answered (a seeded subsample)
-    seed: int = 0  # of the subsample, and of the carve of a single-split set (the training data's, when it is one)
-    test_fraction: float = 0.3  # of a carved single-split set (the training data's, when it is one)
-    max_new_tokens: int | None = None  # None: the data set's cap (sftkey.evaluate.DEFAULT_MAX_NEW_TOKENS)
-    batch_size: int = 16
-    lm_eval_tasks: list[str] = []  # lm-eval tasks of evals/run.py, e.g. gsm8k_tagged
-    lm_eval_limit: int | None = None  # questions per lm-eval task (None: all)
-
-
-class ComparisonAssetConfig(dg.Config):
-    """Which arms x seeds are compared, and against which arm the tests run."""
-
-    arms: list[str] = []
-    seeds: list[int] = [0]
-    baseline_arm: str = ""
-
-
-class RegistryAssetConfig(dg.Config):
-    """The registered model's name and which arm's model is the candidate."""
-
-    model_name: str = "sftkey"
-    candidate_arm: str = ""
-    candidate_seed: int = 0
-
-
-class CoverageCheckConfig(dg.Config):
-    min_coverage: float = 0.9  # kept records over loaded records
-
-
-class FormatCheckConfig(dg.Config):
-    min_format_accuracy: float = 0.0
-
-
-class GateCheckConfig(dg.Config):
-    margin_points: float = 1.0  # accuracy points the candidate must gain over the champion
-    alpha: float = 0.05
-    min_accuracy: float = DEFAULT_MIN_ACCURACY  # strict accuracy a first champion needs
-
-
-# ---------------------------------------------------------------------------------- the YAML file
+    def data(self) -> DataConfig:
+        """The records the benchmark answers."""
+        return DataConfig(self.dataset, self.split, path=self.path, limit=self.limit, seed=self.seed,
+                          test_fraction=self.test_fraction)
 
 
 @dataclass
 class ChecksSection:
-    """`checks:`: asset check thresholds."""
+    """`checks:`: asset check thresholds (a failed check bars promotion unless it is a warning)."""
 
     min_annotation_coverage: float = field(default=0.9, metadata={"help": "kept records / loaded records"})
-    min_format_accuracy: float = field(default=0.0, metadata={"help": "for every arm x seed"})
+    max_too_long_share: float = field(default=0.05, metadata={
+        "help": "annotated records dropped because they exceed training.data.max_length, per response format"})
+    min_answer_loss_drop: float = field(default=0.0, metadata={
+        "help": "stage 2's answer loss must end at least this fraction below its start (0: any drop)"})
+    min_format_accuracy: float = field(default=0.0, metadata={"help": "for every tagged arm x seed"})
+    max_length_cap_share: float = field(default=LENGTH_CAP_WARNING_SHARE, metadata={
+        "help": "answers cut by the new-token cap (a warning: their accuracy is a floor)"})
 
 
 @dataclass
@@ -137,7 +113,7 @@ class PipelineSections:
 
     name: str = field(default="pipeline", metadata={"help": "names the MLflow parent runs"})
     work_dir: str = field(default=".sftkey-work", metadata={"help": "store, Dagster home, MLflow store, DVC repo"})
-    benchmark: dict[str, Any] = field(default_factory=dict, metadata={"help": "BenchmarkAssetConfig fields"})
+    benchmark: BenchmarkSection = field(default_factory=BenchmarkSection)
     checks: ChecksSection = field(default_factory=ChecksSection)
     promotion: PromotionSection = field(default_factory=PromotionSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -149,12 +125,24 @@ class PipelineSections:
 class PipelineConfig:
     sections: PipelineSections
     training: TrainConfig
-    training_raw: dict  # the `training:` mapping as written (Dagster run config carries it)
+    raw: dict  # the whole mapping as loaded (overrides applied): what PipelineSettings carries
     path: Path | None = None
 
     @property
     def work_dir(self) -> Path:
         return Path(self.sections.work_dir).resolve()
+
+    @property
+    def benchmark(self) -> BenchmarkSection:
+        return self.sections.benchmark
+
+    @property
+    def checks(self) -> ChecksSection:
+        return self.sections.checks
+
+    @property
+    def promotion(self) -> PromotionSection:
+        return self.sections.promotion
 
     @property
     def arms(self) -> list[str]:
@@ -169,8 +157,17 @@ class PipelineConfig:
         return self.sections.promotion.candidate_arm or self.arms[-1]
 
     @property
+    def candidate_seed(self) -> int:
+        return self.seeds[0]
+
+    @property
     def baseline_arm(self) -> str:
         return self.sections.promotion.baseline_arm or self.arms[0]
+
+    def training_data(self) -> DataConfig:
+        """The records part of `training.data` (its DataConfig fields)."""
+        data = self.training.data
+        return DataConfig(**{f.name: getattr(data, f.name) for f in dataclasses.fields(DataConfig)})
 
 
 def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -183,14 +180,14 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
 
 def pipeline_config_from_dict(raw: dict, source: ConfigSource | None = None, path: Path | None = None) -> PipelineConfig:
     source = source or ConfigSource(None, None, set())
-    raw = dict(raw)
-    if "training" not in raw:
+    sections_raw = dict(raw)
+    if "training" not in sections_raw:
         raise ConfigError(f"{source.where(())}: no `training:` section (an `sftkey train` config: model, data, train, arms, seeds)")
-    training_raw = raw.pop("training") or {}
-    sections = build_dataclass(PipelineSections, raw, (), source)
+    training_raw = sections_raw.pop("training") or {}
+    sections = build_dataclass(PipelineSections, sections_raw, (), source)
     training_node = _child(source.root, "training")
     training = config_from_dict(training_raw, ConfigSource(source.path, training_node, source.overridden))
-    config = PipelineConfig(sections, training, training_raw, path)
+    config = PipelineConfig(sections, training, json.loads(json.dumps(raw)), path)
     _validate(config, source)
     return config
 
@@ -222,19 +219,18 @@ def _validate(config: PipelineConfig, source: ConfigSource) -> None:
         if arm is not None and arm not in config.training.arms:
             raise fail(("promotion", key), f"{arm!r} is not an arm of training.arms ({', '.join(config.arms)})")
     _validate_promotion(promotion, fail)
+    _validate_checks(config.sections.checks, fail)
     if config.sections.compute.num_processes < 1:
         raise fail(("compute", "num_processes"), f"must be >= 1, got {config.sections.compute.num_processes}")
-    bench = benchmark_config(config, fail)
-    if can_share_records(config.training.data, benchmark_data(bench)):
-        data = config.training.data
-        raise fail(("benchmark", "split"), f"the benchmark ({describe(benchmark_data(bench))}) can share questions "
-                   f"with the training data ({describe(data)}); answer held-out questions (e.g. split: test)")
+    config.sections.benchmark = _held_out_benchmark(config, fail)
+    bench = config.sections.benchmark.data()
+    if can_share_records(config.training.data, bench):
+        raise fail(("benchmark", "split"), f"the benchmark ({describe(bench)}) can share questions with the "
+                   f"training data ({describe(config.training.data)}); answer held-out questions (e.g. split: test)")
 
 
 def _validate_promotion(promotion: PromotionSection, fail) -> None:
     """Gate settings that would let any candidate through (NaN or infinite values compare False)."""
-    import math
-
     if not (math.isfinite(promotion.margin_points) and promotion.margin_points >= 0):
         raise fail(("promotion", "margin_points"), f"must be a finite number >= 0 (accuracy points the candidate "
                    f"must gain over the champion), got {promotion.margin_points}")
@@ -245,74 +241,52 @@ def _validate_promotion(promotion: PromotionSection, fail) -> None:
                    f"got {promotion.min_accuracy}")
 
 
-def benchmark_config(config: PipelineConfig, fail=None) -> BenchmarkAssetConfig:
-    """The `benchmark:` section as the asset's config; unknown keys and bad values name the key.
+def _validate_checks(checks: ChecksSection, fail) -> None:
+    """Every threshold is a share in [0, 1] (NaN would make a check pass or fail whatever it measures)."""
+    for f in dataclasses.fields(ChecksSection):
+        value = getattr(checks, f.name)
+        if not 0 <= value <= 1:
+            raise fail(("checks", f.name), f"must be a share in [0, 1] ({f.metadata['help']}), got {value}")
 
-    A benchmark carved from the same single-split data set as the training data takes the training data's carve
-    (seed, test fraction), whatever the section says: the held-out half, never questions the models trained on.
-    """
-    import dataclasses
 
-    import pydantic
-
-    fail = fail or (lambda keys, message: ConfigError(f"{'.'.join(keys)}: {message}"))
-    raw = config.sections.benchmark
-    known = list(BenchmarkAssetConfig.model_fields)
-    for key in raw:
-        if key not in known:
-            raise fail(("benchmark", key), f"unknown key; known keys: {', '.join(known)}")
-    try:
-        bench = BenchmarkAssetConfig(**raw)
-    except pydantic.ValidationError as e:
-        error = e.errors()[0]
-        raise fail(("benchmark", *map(str, error["loc"])), error["msg"]) from None
+def _held_out_benchmark(config: PipelineConfig, fail) -> BenchmarkSection:
+    """The `benchmark:` section with its counts checked and, when it is carved from the same single-split data set
+    as the training data, the training data's carve (seed, test fraction): the held-out half, never questions the
+    models trained on."""
+    bench = config.sections.benchmark
     for key in BENCHMARK_COUNTS:
         value = getattr(bench, key)
         if value is not None and value < 1:
             raise fail(("benchmark", key), f"must be a positive count, got {value} (or leave it out for the default)")
     try:
-        benchmark_data(bench)
+        held_out = held_out_config(config.training_data(), bench.data())
     except DataError as e:  # unknown data set, test_fraction outside (0, 1)
         raise fail(("benchmark",), str(e)) from None
-    training = DataConfig(**{f.name: getattr(config.training.data, f.name) for f in dataclasses.fields(DataConfig)})
-    held_out = held_out_config(training, benchmark_data(bench))
-    return bench.model_copy(update={"seed": held_out.seed, "test_fraction": held_out.test_fraction})
-
-
-def benchmark_data(bench: BenchmarkAssetConfig) -> DataConfig:
-    """The records a benchmark answers."""
-    return DataConfig(bench.dataset, bench.split, path=bench.path, limit=bench.limit, seed=bench.seed,
-                      test_fraction=bench.test_fraction)
+    return dataclasses.replace(bench, seed=held_out.seed, test_fraction=held_out.test_fraction)
 
 
 # ---------------------------------------------------------------------------------- to Dagster
 
 
+class PipelineSettings(dg.ConfigurableResource):
+    """The pipeline config that every asset and check reads (`settings.config.training`, `.benchmark`, `.checks`,
+    `.promotion`): the loaded YAML mapping, parsed and checked once per process."""
+
+    raw: dict[str, Any]  # the pipeline YAML as a mapping (editable in the Dagster launchpad)
+    path: str = ""  # the file it came from, for messages
+
+    @property
+    def config(self) -> PipelineConfig:
+        return _parsed(json.dumps(self.raw, sort_keys=True), self.path)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(raw_json: str, path: str) -> PipelineConfig:
+    return pipeline_config_from_dict(json.loads(raw_json), path=Path(path) if path else None)
+
+
 def default_tracking_uri(config: PipelineConfig) -> str:
     return config.sections.tracking.tracking_uri or f"sqlite:///{config.work_dir / 'mlflow' / 'mlflow.db'}"
-
-
-def run_config(config: PipelineConfig) -> dict:
-    """The Dagster run config of every asset and check (a run uses the entries of the steps it runs)."""
-    training = {"config": {"training": config.training_raw}}
-    checks, promotion = config.sections.checks, config.sections.promotion
-    ops = {
-        "raw_dataset": training,
-        "annotated_dataset": training,
-        "tokenized_dataset": training,
-        "stage1_model": training,
-        "stage2_model": training,
-        "benchmark_scores": {"config": benchmark_config(config).model_dump()},
-        "arm_comparison": {"config": {"arms": config.arms, "seeds": config.seeds, "baseline_arm": config.baseline_arm}},
-        "registered_model": {"config": {"model_name": promotion.model_name, "candidate_arm": config.candidate_arm,
-                                        "candidate_seed": config.seeds[0]}},
-        "annotated_dataset_check_annotated_dataset_coverage": {"config": {"min_coverage": checks.min_annotation_coverage}},
-        "benchmark_scores_check_benchmark_scores_format_accuracy": {"config": {"min_format_accuracy": checks.min_format_accuracy}},
-        "registered_model_check_registered_model_promotion_gate": {"config": {"margin_points": promotion.margin_points,
-                                                                              "alpha": promotion.alpha,
-                                                                              "min_accuracy": promotion.min_accuracy}},
-    }
-    return {"ops": ops}
 
 
 def resources(config: PipelineConfig, pipeline_run: str | None = None, parent_run_id: str | None = None,
@@ -326,6 +300,7 @@ def resources(config: PipelineConfig, pipeline_run: str | None = None, parent_ru
     work, sections = config.work_dir, config.sections
     run_dir = work / "runs" / (pipeline_run or UI_RUN_DIR)
     return {
+        "settings": PipelineSettings(raw=config.raw, path=str(config.path or "")),
         "io_manager": dg.FilesystemIOManager(base_dir=str(run_dir / "io")),
         "store": ModelStore(root=str(work / "store"), run_dir=str(run_dir)),
         "tracking": MlflowResource(tracking_uri=tracking_uri or default_tracking_uri(config), experiment=sections.tracking.experiment,

@@ -1,7 +1,8 @@
 """The Dagster definitions that `sftkey ui` (dagster dev) loads: assets, checks, resources and jobs.
 
-Resources and job configs come from the pipeline YAML named by $SFTKEY_PIPELINE_CONFIG (default
-configs/pipeline_demo.yaml), so a run launched from the UI does what `sftkey pipeline` does with that file.
+Resources come from the pipeline YAML named by $SFTKEY_PIPELINE_CONFIG (default configs/pipeline_demo.yaml); the
+`settings` resource carries every section, so a run launched from the UI needs no run config and does what
+`sftkey pipeline` does with that file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 import dagster as dg
 
 from orchestration.assets import (
-    ARM_SEED,
     annotated_dataset,
     arm_comparison,
     benchmark_scores,
@@ -34,24 +34,16 @@ REPORT_ASSETS = [arm_comparison, registered_model, champion_model]
 ALL_ASSETS = DATA_ASSETS + PARTITIONED_ASSETS + REPORT_ASSETS
 
 
-def op_config_for(run_config: dict, assets: list) -> dict:
-    """The part of a run config whose steps a job runs (Dagster rejects config for steps outside the job)."""
-    names = {a.key.to_user_string() for a in assets}
-    return {"ops": {op: c for op, c in run_config["ops"].items()
-                    if op in names or any(op.startswith(f"{name}_check_") for name in names)}}
-
-
 def build_definitions(config_path: str | Path) -> dg.Definitions:
-    from orchestration.config import load_pipeline_config, resources, run_config
+    """The graph, its jobs and the resources of the config file (its sections reach the assets through the
+    `settings` resource: a job needs no run config)."""
+    from orchestration.config import load_pipeline_config, resources
 
     config = load_pipeline_config(config_path)
-    ops = run_config(config)
     jobs = [
-        dg.define_asset_job("prepare_data_job", selection=DATA_ASSETS, config=op_config_for(ops, DATA_ASSETS)),
-        dg.define_asset_job("train_and_benchmark_job", selection=PARTITIONED_ASSETS, partitions_def=ARM_SEED,
-                            config=op_config_for(ops, PARTITIONED_ASSETS)),
-        dg.define_asset_job("compare_and_register_job", selection=REPORT_ASSETS,
-                            config=op_config_for(ops, REPORT_ASSETS)),
+        dg.define_asset_job("prepare_data_job", selection=DATA_ASSETS),
+        dg.define_asset_job("train_and_benchmark_job", selection=PARTITIONED_ASSETS),
+        dg.define_asset_job("compare_and_register_job", selection=REPORT_ASSETS),
     ]
     return dg.Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=jobs, resources=resources(config),
                           executor=dg.in_process_executor)

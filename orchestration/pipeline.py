@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from orchestration.config import PipelineConfig, resources, run_config
+from orchestration.config import PipelineConfig, resources
 from orchestration.tracking import MlflowTracker, process_alive, redact, redact_values
 from sftkey.errors import UserError
 
@@ -290,7 +290,7 @@ def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance,
     import dagster as dg
 
     from orchestration.checks import ALL_CHECKS
-    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, PARTITIONED_ASSETS, REPORT_ASSETS, op_config_for
+    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, PARTITIONED_ASSETS, REPORT_ASSETS
 
     started = time.monotonic()
     quiet_libraries()
@@ -304,7 +304,6 @@ def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance,
     reap(preflight, instance, name, echo)
     add_partitions(instance, config)
     res = resources(config, name, parent, tracking_uri=preflight.resolve_uri())
-    base = run_config(config)
     loggers = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     result = PipelineResult(name, parent, res["store"].run_folder())
     graph = ALL_ASSETS + ALL_CHECKS
@@ -313,7 +312,7 @@ def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance,
         echo(f"[{time.monotonic() - started:6.1f} s] {label}")
         progress.stage = label
         outcome = dg.materialize(graph, selection=selection, partition_key=partition_key, instance=instance,
-                                 resources=res, run_config=op_config_for(base, selection) | loggers,
+                                 resources=res, run_config=loggers,
                                  raise_on_error=False,
                                  tags={PIPELINE_RUN_TAG: name, PID_TAG: str(os.getpid()),
                                        HOST_TAG: socket.gethostname()})
@@ -342,15 +341,18 @@ def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance,
     return result
 
 
-GATE_CHECK = "check_registered_model_promotion_gate"
-GATE_STEP = f"registered_model_{GATE_CHECK}"
+def _gate() -> tuple[str, str]:
+    """(check name, step key) of the promotion gate."""
+    from orchestration.checks import check_registered_model_promotion_gate as gate
+
+    return gate.check_key.name, gate.node_def.name
 
 
 def _only_gate_failed(outcome) -> bool:
     """The promotion gate refusing a candidate is an outcome, not a failure of the pipeline; an exception inside
     the gate (no decision made) is a failure."""
     failed = [e for e in outcome.all_events if e.is_step_failure]
-    return ([e.step_key for e in failed] == [GATE_STEP] and failed[0].step_failure_data.error is not None
+    return ([e.step_key for e in failed] == [_gate()[1]] and failed[0].step_failure_data.error is not None
             and failed[0].step_failure_data.error.cls_name == "DagsterAssetCheckFailedError")
 
 
@@ -359,12 +361,12 @@ def _failed_checks(outcome) -> list[str]:
     import dagster as dg
 
     return [e.check_name + (f" [{e.partition}]" if e.partition else "") for e in outcome.get_asset_check_evaluations()
-            if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR and e.check_name != GATE_CHECK]
+            if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR and e.check_name != _gate()[0]]
 
 
 def _promotion(outcome) -> tuple[bool, str]:
     """(promoted, reason) after the report step: the gate's refusal, or what champion_model's compare-and-set did."""
-    gate = next((e for e in outcome.get_asset_check_evaluations() if e.check_name == GATE_CHECK), None)
+    gate = next((e for e in outcome.get_asset_check_evaluations() if e.check_name == _gate()[0]), None)
     if gate is None:
         return False, "the promotion gate did not run"
     if not gate.passed:

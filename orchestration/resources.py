@@ -31,8 +31,8 @@ def content_key(*parts: Any) -> str:
 class ModelStore(dg.ConfigurableResource):
     """Folders for content-addressed outputs (`root`) and for this pipeline run's own outputs (`run_dir`)."""
 
-    root: str = ".sftkey-work/store"
-    run_dir: str = ".sftkey-work/dagster"  # comparison tables, plots, reports of one pipeline run
+    root: str  # work_dir/store (orchestration.config.resources)
+    run_dir: str  # comparison tables, plots, reports of one pipeline run
 
     def folder(self, kind: str, key: str) -> Path:
         return Path(self.root).resolve() / kind / key
@@ -56,8 +56,8 @@ class ModelStore(dg.ConfigurableResource):
 class ComputeResource(dg.ConfigurableResource):
     """Where training runs: in this process, or under `accelerate launch` with several processes."""
 
-    device: str = "auto"  # auto: cuda when available, else cpu
-    num_processes: int = 1  # > 1: a subprocess under `accelerate launch`, reporting back through Dagster Pipes
+    device: str  # the `compute:` section: auto (cuda when available), cpu, cuda
+    num_processes: int  # > 1: a subprocess under `accelerate launch`, reporting back through Dagster Pipes
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -1,4 +1,5 @@
 """Prepare a data set for training: load -> annotate -> render -> tokenize with roles, and write it to disk.
+`tokenize_records` is the last two steps alone, for records annotated elsewhere (the pipeline's annotated_dataset).
 
 A prepared folder holds `examples.jsonl` (uid, input_ids, roles), `records.jsonl` (the annotated records),
 `exclusions.jsonl` (what was left out and why) and `meta.json` (versions, counts, the config). It is
@@ -45,15 +46,30 @@ class Prepared:
 
 
 def prepare(config: PrepareConfig, tokenizer) -> Prepared:
+    """Load, annotate and tokenize the records of `config.data`."""
     records, source = load_records(config.data)
     annotated, exclusions = annotate(config.data.dataset, records, config.annotation)
-    origin = {r.uid: r.origin for r in records}
+    return tokenize_records(annotated, exclusions, config, tokenizer, content_version(records), source,
+                            origins={r.uid: r.origin for r in records})
+
+
+def tokenize_records(records: list[Annotated], exclusions: list[Exclusion], config: PrepareConfig, tokenizer,
+                     data_version: str, source: str, origins: dict[str, str] | None = None) -> Prepared:
+    """Render and tokenize annotated records; the ones over `config.max_length` tokens join the (copied) exclusions.
+
+    `data_version` and `source` describe the loaded records the annotation came from (`exclusions` holds the
+    ones annotation left out), so the counts cover every loaded record. `origins` (uid -> `file line N`) names
+    where a too-long record came from; without it, the source.
+    """
+    origins = origins or {}
+    exclusions = list(exclusions)
+    loaded = len(records) + len(exclusions)
     too_long = f"longer than max_length {config.max_length} tokens"
     items, tokenizable = [], []
-    for record in annotated:
+    for record in records:
         response = render(record.reasoning, record.answer, config.tagged)
         if len(record.question) + len(response.text) > config.max_length * MAX_CHARS_PER_TOKEN:
-            exclusions.append(Exclusion(record.uid, origin[record.uid], too_long))  # never tokenized: see the constant
+            exclusions.append(Exclusion(record.uid, origins.get(record.uid, source), too_long))  # never tokenized: see the constant
         else:
             items.append((record.uid, record.question, response))
             tokenizable.append(record)
@@ -61,7 +77,7 @@ def prepare(config: PrepareConfig, tokenizer) -> Prepared:
     kept_examples, kept_records = [], []
     for example, record in zip(examples, tokenizable):
         if len(example.input_ids) > config.max_length:
-            exclusions.append(Exclusion(record.uid, origin[record.uid], too_long))
+            exclusions.append(Exclusion(record.uid, origins.get(record.uid, source), too_long))
         else:
             kept_examples.append(example)
             kept_records.append(record)
@@ -69,11 +85,11 @@ def prepare(config: PrepareConfig, tokenizer) -> Prepared:
         "dataset": config.data.dataset,
         "split": config.data.split,
         "source": source,
-        "data_version": content_version(records),
+        "data_version": data_version,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "template_gap": template_gap(tokenizer),  # chat-template text between generation prompt and response
         "config": asdict(config),
-        "counts": {"records": len(records), "kept": len(kept_examples), "excluded": len(exclusions)},
+        "counts": {"records": loaded, "kept": len(kept_examples), "excluded": len(exclusions)},
         "exclusions_by_reason": exclusion_counts(exclusions),
         "tokens_by_role": token_counts(kept_examples),
     }

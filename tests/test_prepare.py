@@ -1,19 +1,21 @@
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sftkey.data import DataConfig
-from sftkey.prepare import PrepareConfig, prepare, read_prepared, summary_lines, write_prepared
+from sftkey.prepare import PrepareConfig, prepare, read_prepared, summary_lines, tokenize_records, write_prepared
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def sftkey_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "sftkey.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+def sftkey_cli(capsys, *args) -> tuple[int, str, str]:
+    """`sftkey ARGS` in this process (a subprocess costs seconds of imports): exit code, stdout, stderr."""
+    from sftkey.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def test_prepare_fixture_counts_roles_and_exclusions(tiny_tokenizer):
@@ -26,6 +28,24 @@ def test_prepare_fixture_counts_roles_and_exclusions(tiny_tokenizer):
     assert meta["tokens_by_role"]["answer"] == sum(ex.roles.count(2) for ex in prepared.examples)
     answer, response = meta["tokens_by_role"]["answer"], sum(meta["tokens_by_role"].values()) - meta["tokens_by_role"]["prompt"]
     assert meta["answer_token_share"] == answer / response
+
+
+def test_tokenize_records_of_annotated_records_is_what_prepare_does(tiny_tokenizer):
+    """The pipeline annotates once (annotated_dataset) and tokenizes those records (tokenized_dataset)."""
+    from sftkey.annotate import annotate
+    from sftkey.data import content_version, load_records
+
+    config = PrepareConfig(DataConfig("jsonl", "all", path=str(FIXTURES / "bad_records.jsonl")), max_length=40)
+    records, source = load_records(config.data)
+    annotated, exclusions = annotate("jsonl", records, config.annotation)
+    tokenized = tokenize_records(annotated, exclusions, config, tiny_tokenizer, content_version(records), source)
+    prepared = prepare(config, tiny_tokenizer)
+    assert tokenized.meta == prepared.meta and tokenized.examples == prepared.examples
+    assert len(exclusions) == 4 and len(tokenized.exclusions) == 6  # the too-long two join a copy
+    too_long = [e for e in tokenized.exclusions if e.reason == "longer than max_length 40 tokens"]
+    assert [e.origin for e in too_long] == [source, source]  # without origins: the source
+    assert [e.origin for e in prepared.exclusions if e.reason.startswith("longer")] == [
+        f"{source} line 1", f"{source} line 6"]
 
 
 def test_the_chat_template_gap_is_recorded_and_shown_only_when_there_is_one(tiny_tokenizer):
@@ -66,32 +86,33 @@ def test_write_is_atomic_and_round_trips(tiny_tokenizer, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prep"]
 
 
-def test_prepare_cli_on_a_user_jsonl(tmp_path):
+def test_prepare_cli_on_a_user_jsonl(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("SFTKEY_HOME", str(tmp_path / "home"))
     out = tmp_path / "prepared"
-    result = sftkey_cli("prepare", "--dataset", "jsonl", "--split", "all", "--data-path",
-                        str(FIXTURES / "bad_records.jsonl"), "--model", "tiny", "--out", str(out),
-                        env={"SFTKEY_HOME": str(tmp_path / "home")})
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    code, stdout, stderr = sftkey_cli(capsys, "prepare", "--dataset", "jsonl", "--split", "all", "--data-path",
+                                      str(FIXTURES / "bad_records.jsonl"), "--model", str(tiny_model_dir),
+                                      "--out", str(out))
+    assert code == 0, stderr
+    lines = stdout.splitlines()
     assert lines[1] == "records 6, kept 2, excluded 4"
     assert "  excluded: 1 x empty question" in lines
     assert lines[-3].startswith("answer-token share of response tokens: ")
-    shown = sftkey_cli("show-example", str(out), "--index", "1", "--no-color",
-                       env={"SFTKEY_HOME": str(tmp_path / "home")})
-    assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.startswith("jsonl-all-00005: ")
-    assert shown.stdout.endswith(
+    code, stdout, stderr = sftkey_cli(capsys, "show-example", str(out), "--index", "1", "--no-color")
+    assert code == 0, stderr
+    assert stdout.startswith("jsonl-all-00005: ")
+    assert stdout.endswith(
         "[thinking|<Thinking> 9 + 1 = 10 </Thinking>][answer| <Answer> 10 </Answer>][eos|<|im_end|>][prompt|\n]\n"
     )
 
 
-def test_prepare_cli_reports_bad_input_with_file_and_line(tmp_path):
+def test_prepare_cli_reports_bad_input_with_file_and_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SFTKEY_HOME", str(tmp_path / "home"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "solution": "1\\n#### 1"}\n{"question": "b"\n')
-    result = sftkey_cli("prepare", "--dataset", "jsonl", "--split", "all", "--data-path", str(bad),
-                        "--model", "tiny", "--out", str(tmp_path / "out"), env={"SFTKEY_HOME": str(tmp_path / "home")})
-    assert result.returncode == 2
-    assert f"error: {bad} line 2: invalid JSON" in result.stderr
+    code, _, stderr = sftkey_cli(capsys, "prepare", "--dataset", "jsonl", "--split", "all", "--data-path", str(bad),
+                                 "--model", "tiny", "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert f"error: {bad} line 2: invalid JSON" in stderr
     assert not (tmp_path / "out").exists()
 
 

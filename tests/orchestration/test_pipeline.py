@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from orchestration.config import resources, run_config
+from orchestration.config import pipeline_config_from_dict, resources
 from orchestration.registry import CHAMPION, lineage_lines, version_by_alias, walk_lineage
 from orchestration.tracking import ASSET_TAG, PARENT_TAG
 from sftkey.models import weights_identity
@@ -17,8 +17,8 @@ ARMS = ["sft_tag", "sftkey_tag"]
 PARTITIONS = {"sft_tag|0", "sftkey_tag|0"}
 CHECKS = {
     ("annotated_dataset", "check_annotated_dataset_coverage"): None,
-    ("stage1_model", "check_stage1_model_loss_finite"): PARTITIONS,
-    ("stage2_model", "check_stage2_model_loss_finite"): PARTITIONS,
+    ("tokenized_dataset", "check_tokenized_dataset_too_long"): None,
+    ("stage2_model", "check_stage2_model_answer_loss"): PARTITIONS,
     ("benchmark_scores", "check_benchmark_scores_format_accuracy"): PARTITIONS,
     ("registered_model", "check_registered_model_promotion_gate"): None,
 }
@@ -67,8 +67,9 @@ def test_materialization_metadata_a_person_reads(smoke_run):
     assert comparison["plots"].count("](data:image/png;base64,") == 2  # accuracy and answer-loss plots
     assert comparison["mlflow_run"].startswith("http://127.0.0.1:5000/#/experiments/")
     folder = Path(smoke_run.result.comparison["folder"])
-    assert sorted(p.name for p in folder.iterdir()) == ["accuracy.png", "answer_loss.png", "comparison.json",
-                                                        "comparison.md"]
+    assert sorted(p.name for p in folder.iterdir()) == ["accuracy.csv", "accuracy.png", "answer_loss",
+                                                        "answer_loss.png", "comparison.json", "comparison.md",
+                                                        "metrics.json"]
     # SFTKey-Tag's benchmarked model descends from SFT-Tag's stage 1: their lineages meet, so they pair by seed.
     records = smoke_run.result.comparison["records"]
     base_keys, arm_keys = (set(records[f"{arm}|0"]["stage_keys"]) for arm in ("sft_tag", "sftkey_tag"))
@@ -160,21 +161,18 @@ def test_a_crashed_stage_resumes_from_its_checkpoint(smoke_run, monkeypatch, cap
 
     import sftkey.train.trainer as trainer
     from orchestration.checks import ALL_CHECKS
-    from orchestration.config import pipeline_config_from_dict
-    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, op_config_for
+    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS
 
     raw = json.loads(json.dumps(smoke_run.raw))
     raw["training"]["arms"]["sft_tag"]["stages"][0]["steps"] = 30  # a new stage key: it must train
     config = pipeline_config_from_dict(raw)
     res = resources(config, "crash-test")
-    ops = run_config(config)
     key = dg.MultiPartitionKey({"arm": "sft_tag", "seed": "0"})
     graph = ALL_ASSETS + ALL_CHECKS
     stage1 = [a for a in ALL_ASSETS if a.key.to_user_string() == "stage1_model"]
-    assert dg.materialize(graph, selection=DATA_ASSETS, instance=smoke_run.instance, resources=res,
-                          run_config=op_config_for(ops, DATA_ASSETS)).success
+    assert dg.materialize(graph, selection=DATA_ASSETS, instance=smoke_run.instance, resources=res).success
 
-    original = trainer._save
+    original = trainer.StageRecipe.save
 
     def crash_after_first_periodic_checkpoint(*args, final, **kwargs):
         folder = original(*args, final=final, **kwargs)
@@ -182,14 +180,14 @@ def test_a_crashed_stage_resumes_from_its_checkpoint(smoke_run, monkeypatch, cap
             raise RuntimeError("injected crash")
         return folder
 
-    monkeypatch.setattr(trainer, "_save", crash_after_first_periodic_checkpoint)
+    monkeypatch.setattr(trainer.StageRecipe, "save", crash_after_first_periodic_checkpoint)
     crashed = dg.materialize(graph, selection=stage1, partition_key=key, instance=smoke_run.instance, resources=res,
-                             run_config=op_config_for(ops, stage1), raise_on_error=False)
+                             raise_on_error=False)
     assert not crashed.success
-    monkeypatch.setattr(trainer, "_save", original)
+    monkeypatch.setattr(trainer.StageRecipe, "save", original)
     with caplog.at_level(logging.INFO, logger="sftkey.train"):
         resumed = dg.materialize(graph, selection=stage1, partition_key=key, instance=smoke_run.instance,
-                                 resources=res, run_config=op_config_for(ops, stage1))
+                                 resources=res)
     assert resumed.success
     assert "stage stage1: resuming at step 20 from " in caplog.text
     output = resumed.output_for_node("stage1_model")
@@ -203,7 +201,6 @@ def test_a_crashed_stage_resumes_from_its_checkpoint(smoke_run, monkeypatch, cap
 
 
 def test_unreachable_mlflow_fails_before_any_work(smoke_run, tmp_path):
-    from orchestration.config import pipeline_config_from_dict
     from orchestration.pipeline import run_pipeline
     from orchestration.tracking import TrackingUnavailable
 
@@ -214,28 +211,40 @@ def test_unreachable_mlflow_fails_before_any_work(smoke_run, tmp_path):
     assert not (tmp_path / "work" / "store").exists()
 
 
-def test_benchmark_never_scores_the_training_questions(smoke_run):
-    """The smoke models trained on 64 records of SVAMP's train half carved with seed 0. A run config edited (e.g.
-    in the UI) to benchmark the test half of another carve, which holds some of those records, fails with the
-    overlap count before any question is asked."""
+def test_the_data_assets_read_the_source_once(smoke_run, tmp_path, monkeypatch):
+    """raw_dataset loads the records; annotated_dataset reads raw_dataset's DVC revision; tokenized_dataset tokenizes
+    annotated_dataset's records: one read of the source per run, in a fresh work dir (nothing to reuse)."""
+    import sftkey.data.sources as sources
     from orchestration.checks import ALL_CHECKS
-    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, op_config_for
+    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS
 
-    assert smoke_run.result.comparison  # the normal run scored the held-out half: no refusal
-    res = resources(smoke_run.config, "overlap-test")
-    ops = run_config(smoke_run.config)
-    ops["ops"]["benchmark_scores"]["config"] |= {"seed": 1, "limit": None}  # every question of that half
-    graph = ALL_ASSETS + ALL_CHECKS
-    upstream = [a for a in ALL_ASSETS if a.key.to_user_string() in ("stage1_model", "stage2_model", "benchmark_scores")]
+    reads = []
+    native_rows = sources.native_rows
 
-    key = dg.MultiPartitionKey({"arm": "sft_tag", "seed": "0"})
-    assert dg.materialize(graph, selection=DATA_ASSETS, instance=smoke_run.instance, resources=res,
-                          run_config=op_config_for(ops, DATA_ASSETS)).success
-    result = dg.materialize(graph, selection=upstream, partition_key=key, instance=smoke_run.instance, resources=res,
-                            run_config=op_config_for(ops, upstream), raise_on_error=False)
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert failure.step_key == "benchmark_scores"
-    error = failure.event_specific_data.error.to_string()
-    assert "EvalError" in error and " questions of svamp test (carve seed 1, " in error
-    assert "or pass --exclude-training-questions to drop them" in error
+    def counted(*args, **kwargs):
+        reads.append(args[0].dataset)
+        return native_rows(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "native_rows", counted)
+    raw = json.loads(json.dumps(smoke_run.raw))
+    raw["work_dir"] = str(tmp_path / "work")
+    res = resources(pipeline_config_from_dict(raw), "read-once")
+    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, selection=DATA_ASSETS, instance=smoke_run.instance, resources=res)
+    assert reads == ["svamp"]
+    tokenized = result.output_for_node("tokenized_dataset")
+    annotated = result.output_for_node("annotated_dataset")
+    assert tokenized["data_version"] == annotated["data_version"]
+    tagged = tokenized["formats"]["tagged"]
+    assert (tagged["annotated"], tagged["kept"], tagged["too_long"]) == (64, 62, 2)  # 2 over max_length 256
+    prepared = Path(tagged["folder"], "records.jsonl").read_text().splitlines()
+    assert set(prepared) < set(Path(annotated["folder"], "records.jsonl").read_text().splitlines())  # those records
+
+
+def test_only_the_candidate_is_logged_as_a_model(smoke_run):
+    client = resources(smoke_run.config)["tracking"].client()
+    tracking = resources(smoke_run.config)["tracking"]
+    models = client.search_logged_models(experiment_ids=[tracking.experiment_id()])
+    assert [model.name for model in models] == ["sftkey_tag-seed0"]  # the promotion candidate, first seed
+    records = smoke_run.result.comparison["records"]
+    assert records["sft_tag|0"]["model_uri"] is None
+    assert records["sftkey_tag|0"]["model_uri"] == f"models:/{models[0].model_id}"

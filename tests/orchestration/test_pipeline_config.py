@@ -1,4 +1,4 @@
-"""The pipeline YAML: what it becomes (Dagster run config, resources) and errors that name file, line and key."""
+"""The pipeline YAML: what it becomes (typed sections, resources) and errors that name file, line and key."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration.config import default_tracking_uri, load_pipeline_config, resources, run_config
-from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, op_config_for
+from orchestration.config import BenchmarkSection, PipelineSettings, default_tracking_uri, load_pipeline_config, resources
+from sftkey.config_file import ConfigError
 from sftkey.data import DataConfig
-from sftkey.train.config import ConfigError
 
 PROJECT = Path(__file__).resolve().parents[2]
 SMOKE_CONFIG = PROJECT / "configs" / "pipeline_smoke.yaml"
@@ -34,20 +33,42 @@ def test_shipped_configs_load(name):
     assert config.seeds == [0]
 
 
-def test_run_config_has_an_entry_for_every_step_of_the_graph(tmp_path):
+def test_one_settings_resource_carries_every_section(tmp_path):
     config = load_pipeline_config(SMOKE_CONFIG, {"work_dir": str(tmp_path)})
-    ops = run_config(config)
-    assert op_config_for(ops, ALL_ASSETS) == ops  # no entry that the graph would reject
-    assert sorted(op_config_for(ops, DATA_ASSETS)["ops"]) == [
-        "annotated_dataset", "annotated_dataset_check_annotated_dataset_coverage", "raw_dataset", "tokenized_dataset"]
-    assert ops["ops"]["stage1_model"]["config"]["training"]["model"] == "tiny"
-    assert ops["ops"]["registered_model"]["config"] == {"model_name": "sftkey-smoke", "candidate_arm": "sftkey_tag",
-                                                       "candidate_seed": 0}
-    assert default_tracking_uri(config) == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     res = resources(config, "run-1", "parent-1")
+    settings = res["settings"]
+    assert isinstance(settings, PipelineSettings) and settings.path == str(SMOKE_CONFIG)
+    parsed = settings.config  # what every asset reads: parsed once per process
+    assert parsed is settings.config
+    assert (parsed.training.model, parsed.work_dir, parsed.candidate_arm, parsed.candidate_seed) == (
+        "tiny", tmp_path, "sftkey_tag", 0)
+    assert parsed.benchmark == BenchmarkSection("svamp", "test", limit=16, max_new_tokens=40, batch_size=16,
+                                                lm_eval_tasks=["svamp_tagged"], lm_eval_limit=8)
+    assert (parsed.checks.min_annotation_coverage, parsed.checks.max_too_long_share) == (0.9, 0.05)
+    assert parsed.promotion.model_name == "sftkey-smoke"
+    assert default_tracking_uri(config) == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     assert res["store"].run_dir == str(tmp_path / "runs" / "run-1")
     assert res["tracking"].parent_run_id == "parent-1"
     assert res["dvc"].repo == str(tmp_path / "dvc" / "repo")
+    assert (res["compute"].device, res["compute"].num_processes) == ("auto", 1)
+
+
+def test_a_job_launched_from_the_ui_needs_no_run_config():
+    from orchestration.definitions import build_definitions
+
+    defs = build_definitions(SMOKE_CONFIG)
+    for name in ("prepare_data_job", "train_and_benchmark_job", "compare_and_register_job"):
+        job = defs.resolve_job_def(name)
+        assert job.run_config_schema.config_type.fields["ops"].is_required is False  # nothing to fill in
+
+
+def test_a_check_threshold_outside_zero_one_is_refused(tmp_path):
+    text = SMOKE_CONFIG.read_text().replace("checks: {", "checks: {max_too_long_share: 5, ")
+    path = write(tmp_path, text)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if l.startswith("checks:"))
+    with pytest.raises(ConfigError, match=rf"^{path} line {line}: checks.max_too_long_share: must be a share in "
+                                          r"\[0, 1\] \(annotated records dropped .*\), got 5.0$"):
+        load_pipeline_config(path)
 
 
 def test_unknown_pipeline_key_names_file_and_line(tmp_path):
@@ -83,22 +104,21 @@ def test_benchmark_on_the_training_data_is_refused(tmp_path):
 def test_benchmark_takes_the_training_datas_carve(tmp_path):
     """Training on SVAMP's train half carved with seed 1: the benchmark's test half is carved with seed 1 too,
     whatever the benchmark section says (with seed 0, 195 of the 303 test questions would be training questions)."""
-    from orchestration.config import benchmark_config, benchmark_data
     from sftkey.data import can_share_records, load_records, shared_uids
 
     raw = yaml.safe_load(SMOKE_CONFIG.read_text())
     raw["training"]["data"] = {"dataset": "svamp", "split": "train", "seed": 1, "test_fraction": 0.25, "max_length": 256}
     raw["benchmark"] |= {"seed": 0, "limit": None}
     config = load_pipeline_config(write(tmp_path, yaml.safe_dump(raw)))
-    bench = benchmark_config(config)
+    bench = config.benchmark
     assert (bench.dataset, bench.split, bench.seed, bench.test_fraction) == ("svamp", "test", 1, 0.25)
-    assert run_config(config)["ops"]["benchmark_scores"]["config"]["seed"] == 1
+    assert resources(config)["settings"].config.benchmark.seed == 1  # what benchmark_scores reads
     training = DataConfig("svamp", "train", seed=1, test_fraction=0.25)
-    assert not can_share_records(training, benchmark_data(bench))
+    assert not can_share_records(training, bench.data())
     if not SHARED_SVAMP.is_file():
         pytest.skip(f"{SHARED_SVAMP} is absent: the record-level check needs the real SVAMP")
-    questions = load_records(benchmark_data(bench))[0]
-    assert len(questions) > 200 and not shared_uids(training, load_records(training)[0], benchmark_data(bench), questions)
+    questions = load_records(bench.data())[0]
+    assert len(questions) > 200 and not shared_uids(training, load_records(training)[0], bench.data(), questions)
 
 
 def test_unknown_candidate_arm_is_refused(tmp_path):
@@ -133,8 +153,9 @@ def test_bad_benchmark_key_names_file_and_line(tmp_path):
     text = SMOKE_CONFIG.read_text().replace("benchmark: {dataset: svamp,", "benchmark: {dataset: svamp, limt: 3,")
     path = write(tmp_path, text)
     line = next(i for i, l in enumerate(text.splitlines(), 1) if l.startswith("benchmark:"))
-    with pytest.raises(ConfigError, match=rf"^{path} line {line}: benchmark.limt: unknown key; known keys: dataset, "):
+    with pytest.raises(ConfigError, match=rf"^{path} line {line}: benchmark.limt: unknown key; did you mean 'limit'\? "
+                                          "known keys: dataset, "):
         load_pipeline_config(path)
     path = write(tmp_path, SMOKE_CONFIG.read_text().replace("limit: 16,", "limit: many,"))
-    with pytest.raises(ConfigError, match=r"benchmark.limit: Input should be a valid integer"):
+    with pytest.raises(ConfigError, match=rf"^{path} line {line}: benchmark.limit: expected an integer, got 'many'$"):
         load_pipeline_config(path)
