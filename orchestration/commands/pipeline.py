@@ -16,7 +16,7 @@ QUIET = "CRITICAL"  # a failed step is one line (its root cause); its trace stay
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help=f"pipeline YAML (default {DEFAULT_CONFIG}: SmolLM2-135M-Instruct as a dequantised Q4_1 GGUF, a GSM8K subset, SFT-Tag vs SFTKey-Tag)")
+                        help=f"pipeline YAML (default {DEFAULT_CONFIG}: SmolLM2-135M-Instruct as a dequantised Q4_1 GGUF, an SVAMP subset, SFT-Tag vs SFTKey-Tag)")
     parser.add_argument("--work-dir", default=None, help="override work_dir: Dagster home, MLflow store, DVC repo, outputs")
     parser.add_argument("--verbose", action="store_true", help="show Dagster's per-step event log")
 
