@@ -67,6 +67,7 @@ def raw_dataset(context: dg.AssetExecutionContext, settings: PipelineSettings, s
                  "data_version": version, "dvc_path": tracked.path, "dvc_rev": tracked.rev, "dvc_md5": tracked.md5,
                  "dvc_repo": str(dvc.root())}
         run.log_params({"data": dataclasses.asdict(data)})
+        run.log_input(name, version, f"{tracked.path}@{tracked.rev}", "training")
         run.set_tags({"sftkey.data_version": version, "sftkey.dvc_rev": tracked.rev})
         run.log_metrics({"records": len(records)})
     return dg.Output(value, data_version=dg.DataVersion(version), metadata={
@@ -205,6 +206,8 @@ def train_stage(context: dg.AssetExecutionContext, settings: PipelineSettings, t
     with tracking.asset_run(context, tags=tags) as run:
         run.log_params(training_view(training, arm, seed) | {"init": init, "stage_index": stage_index}
                        | identity_params(base))
+        run.log_input(f"{training.data.dataset}-{training.data.split}", data_version,
+                      tokenized["formats"][arm_config.format]["folder"], "training")
         with store.claim("models", key[:20]) as folder:
             checkpoint = finished_stage(folder, seed, key)
             status = "reused"
@@ -307,6 +310,7 @@ def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettin
                      store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
     """The arm's final model answers the held-out questions: our scorer (strict, lenient, format) and the
     lm-eval tasks. Outputs are resumable: a crash mid-benchmark continues where it stopped."""
+    from orchestration.registry import benchmark_dataset, benchmark_identity
     from sftkey.evaluate import OUTPUTS, SUMMARY, EvalConfig, evaluate, outcomes_from_rows
     from sftkey.generate import GenerationConfig
 
@@ -324,6 +328,9 @@ def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettin
             if bench.lm_eval_tasks:
                 metrics.update(lm_eval_metrics(bench, stage2_model["checkpoint"], compute, folder))
         outcomes, formats = outcomes_from_rows(rows)
+        evaluation_data = benchmark_dataset(benchmark_identity(summary))
+        if evaluation_data:  # named and versioned as the registered version's metrics refer to it
+            run.log_input(*evaluation_data, str(folder / OUTPUTS), "evaluation")
         write_text(folder / "outcomes.json", json.dumps(outcomes, indent=1, sort_keys=True) + "\n")
         run.log_metrics({name: value for name, value in metrics.items() if value is not None})  # n/a: not logged
         run.log_artifact(folder / "outcomes.json")
@@ -376,11 +383,12 @@ def lm_eval_metrics(bench: BenchmarkSection, checkpoint: str, compute: ComputeRe
     return metrics
 
 
-def _png_markdown(path: Path, title: str) -> str:
-    """An inline image for Dagster's markdown metadata (the UI shows it; no file server needed)."""
-    import base64
-
-    return f"![{title}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+def plot_markdown(plots: list[Path], out: Path, run_id: str, tracking: MlflowResource) -> str:
+    """The plots as images served by the MLflow UI (`sftkey ui`): Dagster shows markdown longer than 1000
+    characters only behind a button, so inline data: images (any real PNG) never appear on the asset page."""
+    base = tracking.ui_url.rstrip("/")
+    return "\n\n".join(f"![{p.stem}]({base}/get-artifact?path={p.relative_to(out).as_posix()}&run_uuid={run_id})"
+                         for p in plots)
 
 
 def partition_records(store: ModelStore, arms: list[str], seeds: list[int]) -> dict[tuple[str, int], dict]:
@@ -433,7 +441,8 @@ def arm_comparison(context: dg.AssetExecutionContext, settings: PipelineSettings
              "mlflow_run_id": run.run_id}
     return dg.Output(value, metadata={
         "comparison": dg.MetadataValue.md(report.table),
-        "plots": dg.MetadataValue.md("\n\n".join(_png_markdown(p, p.stem) for p in report.plots)),
+        "plots": dg.MetadataValue.md(plot_markdown(report.plots, out, run.run_id, tracking)),
+        **{f"{p.stem}_png": dg.MetadataValue.path(str(p)) for p in report.plots},
         "folder": dg.MetadataValue.path(str(out)),
         "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
         "model_runs": dg.MetadataValue.md("\n".join(
@@ -466,10 +475,9 @@ def registered_model(context: dg.AssetExecutionContext, settings: PipelineSettin
                 "sftkey.data_version": record["data_version"], "sftkey.dvc_rev": record["dvc_rev"],
                 BENCHMARK_RUN_TAG: record["benchmark_run_id"], WEIGHTS_TAG: summary["model"]["weights_sha256"],
                 BENCHMARK_TAG: json.dumps(benchmark_identity(summary), sort_keys=True),
-                **registration_tags(tracking.parent_run_id),
-                **{f"metric.{k}": v for k, v in record["metrics"].items() if isinstance(v, (int, float))}}
+                **registration_tags(tracking.parent_run_id)}
         version = register_candidate(tracking.client(), model_name, record["model_uri"],
-                                     record["model_run_id"], tags, tracking.resolve_uri())
+                                     record["model_run_id"], tags, tracking.resolve_uri(), metrics=record["metrics"])
         reused = version.tags.get(BENCHMARK_RUN_TAG) != record["benchmark_run_id"]  # an earlier run's version
         run.log_params({"model_name": model_name, "version": version.version, **tags})
     value = {"name": model_name, "version": str(version.version), "arm": arm, "seed": seed,

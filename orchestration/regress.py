@@ -27,7 +27,7 @@ from sftkey.errors import UserError
 REGRESSION_METRICS = ("strict_accuracy", "format_accuracy", "composite")  # higher is better, all three, in [0, 1]
 DEFAULT_TOLERANCE = 0.0
 REWRITE_FIX = "record it again from a good run with `sftkey regress --config CONFIG --write-baseline FILE`"
-CHAMPION_FIX = "check the champion's `metric.*` tags, or compare with the baseline file only (--no-champion)"
+CHAMPION_FIX = "check the champion's model metrics in MLflow, or compare with the baseline file only (--no-champion)"
 
 
 class BaselineError(UserError, ValueError):
@@ -144,21 +144,18 @@ def write_baseline(path: Path, config: PipelineConfig, measured: dict, tolerance
 
 
 def champion_metrics(client, model_name: str) -> tuple[str, dict[str, dict[str, float]]] | None:
-    """("champion vN", {arm: metrics}) from the champion version's `metric.*` tags; None without a champion."""
-    from orchestration.registry import CHAMPION, version_by_alias
+    """("champion vN", {arm: metrics}) from the metrics of the champion version's logged model; None without a
+    champion."""
+    from orchestration.registry import CHAMPION, version_by_alias, version_metrics
 
     champion = version_by_alias(client, model_name, CHAMPION)
     if champion is None:
         return None
     source = f"champion v{champion.version}"
-    metrics = {}
-    for name, value in champion.tags.items():
-        if name.removeprefix("metric.") in REGRESSION_METRICS:
-            try:
-                metrics[name.removeprefix("metric.")] = float(value)
-            except ValueError:
-                raise BaselineError(f"{source} of {model_name!r}: tag {name} is {value!r}, not a number; "
-                                    f"{CHAMPION_FIX}") from None
+    metrics = {name: value for name, value in version_metrics(client, champion).items() if name in REGRESSION_METRICS}
+    if not metrics:
+        raise BaselineError(f"{source} of {model_name!r} has none of the metrics {', '.join(REGRESSION_METRICS)}; "
+                            f"{CHAMPION_FIX}")
     return source, {champion.tags.get("sftkey.arm", "?"): metrics}
 
 

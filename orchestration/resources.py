@@ -76,7 +76,8 @@ class ComputeResource(dg.ConfigurableResource):
 
             return run_stage(training, arm, seed, stage_index, init, resume=True,
                              prepared=read_prepared(Path(prepared_folder)))
-        from sftkey.train.config import config_dict, dump_yaml
+        from sftkey.config_file import dump_yaml
+        from sftkey.train.config import config_dict
 
         work = Path(training.output_dir)
         config_file = write_text(work / f".{arm}-seed{seed}-stage{stage_index}.yaml", dump_yaml(config_dict(training)))

@@ -4,7 +4,8 @@ Light to import: the config and tracking modules need no torch. The trainer itse
 (`train_arm`, `run_stage`); importing it here would pull torch into every `import sftkey.train`.
 """
 
-from sftkey.train.config import ConfigError, TrainConfig, load_config
+from sftkey.config_file import ConfigError
+from sftkey.train.config import TrainConfig, load_config
 from sftkey.train.tracking import JsonlTracker, NullTracker, Tracker
 
 __all__ = ["ConfigError", "JsonlTracker", "NullTracker", "TrainConfig", "Tracker", "load_config"]

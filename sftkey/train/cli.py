@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sftkey.train.config import ConfigError, load_config
+    from sftkey.config_file import ConfigError
+    from sftkey.train.config import load_config
 
     config = load_config(args.config, args.overrides)  # a ConfigError is printed by the CLI as one line
     arms = args.arm or list(config.arms)

@@ -18,8 +18,6 @@ from typing import Any
 
 from sftkey.annotate import AnnotationConfig
 from sftkey.config_file import ConfigSource, build_dataclass, located_error, read_config
-# re-exported for callers that read and write training configs (sftkey/train/cli.py, orchestration/resources.py)
-from sftkey.config_file import ConfigError, dump_yaml  # noqa: F401
 from sftkey.data import DataConfig
 from sftkey.loss import NORMALIZERS, loss_spec
 
