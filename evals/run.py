@@ -2,11 +2,11 @@
 
     python -m evals.run --checkpoint DIR [--tasks gsm8k_tagged,gsm8k] [--limit 50]
 
-Tasks: the tagged ones in `evals/tasks/` (gsm8k_tagged, svamp_tagged, math500_tagged) and lm-eval's built-in
-`gsm8k` (5-shot, the standard reference). Their data are written from sftkey's own records (local files, or the
-hub when the loader reaches it), so questions and gold answers are exactly those `sftkey eval` uses, and the
-task configs are pointed at those files: nothing is fetched from the hub. Metric names have no commas:
-`gsm8k_tagged/exact_match_strict-match`.
+Tasks: the tagged ones in `evals/tasks/` (gsm8k_tagged, svamp_tagged, math500_tagged; the stock `lm_eval` CLI
+runs them too, see their YAML) and lm-eval's built-in `gsm8k` (5-shot, the standard reference). All read sftkey's
+own records (evals/tasks/utils.py, as lm-eval's `custom_dataset`), so questions and gold answers are exactly those
+`sftkey eval` uses; this module passes the question choice as lm-eval metadata and the cap as `gen_kwargs`.
+Metric names have no commas: `gsm8k_tagged/exact_match_strict-match`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkey.data import DataConfig, load_records
-from sftkey.evaluate import default_max_new_tokens, gold_records
+from sftkey.evaluate import default_max_new_tokens
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TAGGED_TASKS = {"gsm8k_tagged": "gsm8k", "svamp_tagged": "svamp", "math500_tagged": "math500"}  # task -> data set
 REFERENCE_TASK = "gsm8k"  # lm-eval's built-in GSM8K, 5-shot from the train split
 STRICT_FILTER = "strict-match"
+NO_MATCH = "[invalid]"  # what lm-eval's regex filter returns when the pattern finds nothing
 
 
 @dataclass
@@ -56,49 +55,23 @@ class BenchConfig:
             raise ValueError(f"unknown task(s) {unknown}: choose from {[*TAGGED_TASKS, REFERENCE_TASK]}")
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+def task_metadata(config: BenchConfig) -> dict:
+    """Which questions the tasks' `custom_dataset` loads (evals/tasks/utils.py): lm-eval's `--metadata`."""
+    return {"split": config.split, "seed": config.seed, "limit": config.limit, "data_path": config.data_path}
 
 
-def tagged_task_data(dataset: str, config: BenchConfig, folder: Path) -> Path:
-    """The task's test file: uid, question and gold answer of each annotated record (as `sftkey eval` sees them)."""
-    annotated, _ = gold_records(DataConfig(dataset, config.split, path=config.data_path, limit=config.limit, seed=config.seed))
-    rows = [{"uid": a.uid, "question": a.question, "answer": a.answer} for a in annotated]
-    return write_jsonl(folder / f"{dataset}-{config.split}.jsonl", rows)
-
-
-def reference_task_data(config: BenchConfig, folder: Path) -> dict[str, str]:
-    """Train (for the 5 shots) and test files for the built-in gsm8k, in its own row format."""
-    files = {}
-    for split, limit in (("train", None), (config.split, config.limit)):
-        records, _ = load_records(DataConfig("gsm8k", split, path=config.data_path, limit=limit, seed=config.seed))
-        rows = [{"uid": r.uid, "question": r.question, "answer": r.solution} for r in records]
-        files[split] = str(write_jsonl(folder / f"gsm8k-reference-{split}.jsonl", rows))
-    return files
-
-
-def task_config(task: str, config: BenchConfig, folder: Path) -> dict:
-    """The task's YAML as a dict, its data pointed at files written into `folder`."""
+def reference_task() -> dict:
+    """lm-eval's built-in gsm8k (5-shot from train), its rows read by sftkey's loader instead of the hub."""
+    import lm_eval.tasks
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    if task == REFERENCE_TASK:
-        import lm_eval.tasks
+    from evals.tasks.utils import gsm8k_reference
 
-        spec = load_yaml(Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k.yaml")
-        data_files = reference_task_data(config, folder)
-        spec["test_split"] = config.split
-    else:
-        spec = load_yaml(TASKS_DIR / task / f"{task}.yaml")
-        data_files = {"test": str(tagged_task_data(TAGGED_TASKS[task], config, folder))}
-        spec["test_split"] = "test"
-    spec.update(dataset_path="json", dataset_name=None)
-    spec["dataset_kwargs"] = {"data_files": data_files, "cache_dir": str(folder / "cache")}
-    dataset = TAGGED_TASKS.get(task, "gsm8k")
-    spec["generation_kwargs"] = dict(spec.get("generation_kwargs") or {},
-                                     max_gen_toks=config.max_new_tokens or default_max_new_tokens(dataset))
+    spec = load_yaml(Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k.yaml")
+    for key in ("dataset_path", "dataset_name", "tag"):  # no hub repo; no tag pulling in other tasks
+        spec.pop(key, None)
+    spec["custom_dataset"] = gsm8k_reference
+    spec["generation_kwargs"] = dict(spec["generation_kwargs"], max_gen_toks=default_max_new_tokens("gsm8k"))
     return spec
 
 
@@ -111,18 +84,18 @@ def run(config: BenchConfig) -> dict:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    with tempfile.TemporaryDirectory(prefix="sftkey-lmeval-") as work:
-        tasks = [task_config(task, config, Path(work)) for task in config.tasks]
-        model = HFLM(pretrained=str(folder), dtype=config.dtype, batch_size=config.batch_size,
-                     device=resolve_device(config.device), use_safetensors=True)  # passed to from_pretrained
-        return simple_evaluate(
-            model=model,
-            tasks=tasks,
-            task_manager=TaskManager(include_defaults=False),  # configs come as dicts: skip indexing ~15k tasks
-            apply_chat_template=True,
-            log_samples=config.log_samples,
-            bootstrap_iters=0,
-        )
+    model = HFLM(pretrained=str(folder), dtype=config.dtype, batch_size=config.batch_size,
+                 device=resolve_device(config.device), use_safetensors=True)  # passed to from_pretrained
+    return simple_evaluate(
+        model=model,
+        tasks=[reference_task() if task == REFERENCE_TASK else task for task in config.tasks],
+        # only our folder is indexed: lm-eval's ~15k built-in tasks cost seconds and gsm8k comes as a dict
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=task_metadata(config)),
+        gen_kwargs={"max_gen_toks": config.max_new_tokens} if config.max_new_tokens else None,
+        apply_chat_template=True,
+        log_samples=config.log_samples,
+        bootstrap_iters=0,
+    )
 
 
 def flat_metrics(results: dict) -> dict[str, float]:
@@ -138,6 +111,12 @@ def flat_metrics(results: dict) -> dict[str, float]:
 def strict_correct(results: dict, task: str) -> dict[str, bool]:
     """uid -> the strict-match exact_match of each example (needs a run with `log_samples`)."""
     return {s["doc"]["uid"]: bool(s["exact_match"]) for s in results["samples"][task] if s["filter"] == STRICT_FILTER}
+
+
+def strict_answers(results: dict, task: str) -> dict[str, str | None]:
+    """uid -> the answer strict-match read from each response, None where none (sftkey's `pred_strict`)."""
+    return {s["doc"]["uid"]: None if s["filtered_resps"][0] == NO_MATCH else s["filtered_resps"][0]
+            for s in results["samples"][task] if s["filter"] == STRICT_FILTER}
 
 
 def main(argv: list[str] | None = None) -> int:

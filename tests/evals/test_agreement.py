@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evals.run import BenchConfig, flat_metrics, run, strict_correct
+from evals.run import BenchConfig, flat_metrics, run, strict_answers, strict_correct
 from sftkey.data import DataConfig
 from sftkey.evaluate import OUTPUTS, EvalConfig, evaluate, read_outputs
 from sftkey.generate import GenerationConfig
@@ -82,6 +82,7 @@ def test_lm_eval_task_agrees_with_sftkey_on_every_example(sftkey_run, lm_eval_ru
     assert strict_correct(lm_eval_run, "gsm8k_tagged") == {uid: row["strict_correct"] for uid, row in rows.items()}
     assert {uid: ok for uid, ok in strict_correct(lm_eval_run, "gsm8k_tagged").items() if uid != UNSEEN_UID} == \
         EXPECTED_STRICT
+    assert set(EXPECTED_STRICT.values()) == {True, False}  # verdicts that can disagree, both ways
     samples = [s for s in lm_eval_run["samples"]["gsm8k_tagged"] if s["filter"] == "strict-match"]
     assert len(samples) == 7
     for sample in samples:
@@ -89,6 +90,8 @@ def test_lm_eval_task_agrees_with_sftkey_on_every_example(sftkey_run, lm_eval_ru
         assert sample["arguments"][0][0] == row["prompt"]  # the same chat prompt
         assert sample["target"] == row["gold"]
         assert sample["resps"][0][0] == row["output"]  # the same greedy generation
+    # the same answer read from each response (None: no single closed Answer block)
+    assert strict_answers(lm_eval_run, "gsm8k_tagged") == {uid: row["pred_strict"] for uid, row in rows.items()}
     metrics = flat_metrics(lm_eval_run)
     assert metrics["gsm8k_tagged/exact_match_strict-match"] == summary["metrics"]["strict_accuracy"]
     flexible = {s["doc"]["uid"]: bool(s["exact_match"]) for s in lm_eval_run["samples"]["gsm8k_tagged"]

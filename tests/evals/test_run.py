@@ -1,26 +1,56 @@
-"""evals/run.py: task data written from sftkey's records, configs pointed at them, flat metric names, offline runs."""
+"""evals/run.py and the tasks' data: sftkey's records through lm-eval's custom_dataset, flat metric names, offline runs."""
 
 from __future__ import annotations
 
-import json
+import re
 
 import pytest
 
-from evals.run import BenchConfig, flat_metrics, main, run, task_config
+from evals.run import TAGGED_TASKS, TASKS_DIR, BenchConfig, flat_metrics, main, reference_task, run, task_metadata
 from sftkey.data import DataConfig
 from sftkey.evaluate import gold_records
 
 
-def test_tagged_task_reads_the_records_sftkey_eval_scores(memorised_data, tmp_path):
+def load_tasks(config: BenchConfig, names: list[str]) -> dict:
+    """The tasks as lm-eval builds them for `run(config)`: our folder, the question choice as metadata."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=task_metadata(config))
+    return manager.load(names)["tasks"]
+
+
+def test_tagged_task_reads_the_records_sftkey_eval_scores(memorised_data):
     config = BenchConfig(tasks=["gsm8k_tagged"], data_path=str(memorised_data))
-    spec = task_config("gsm8k_tagged", config, tmp_path)
-    test_file = spec["dataset_kwargs"]["data_files"]["test"]
-    assert test_file == str(tmp_path / "gsm8k-test.jsonl")
-    assert (spec["task"], spec["dataset_path"], spec["dataset_name"], spec["test_split"]) == ("gsm8k_tagged", "json", None, "test")
-    rows = [json.loads(line) for line in open(test_file, encoding="utf-8")]
+    [task] = load_tasks(config, ["gsm8k_tagged"]).values()
+    rows = list(task.test_docs())
     annotated, _ = gold_records(DataConfig("gsm8k", "test", path=str(memorised_data)))
     assert rows == [{"uid": a.uid, "question": a.question, "answer": a.answer} for a in annotated]
     assert rows[2] == {"uid": "gsm8k-test-00002", "question": "Sara had 50 dollars and spent 18. How much is left?", "answer": "32"}
+    assert task.config.generation_kwargs == {"until": [], "do_sample": False, "max_gen_toks": 512}
+
+
+def test_limit_is_the_seeded_sample_of_sftkey_eval(memorised_data):
+    config = BenchConfig(tasks=["gsm8k_tagged"], data_path=str(memorised_data), limit=3, seed=1)
+    [task] = load_tasks(config, ["gsm8k_tagged"]).values()
+    annotated, _ = gold_records(DataConfig("gsm8k", "test", path=str(memorised_data), limit=3, seed=1))
+    assert [row["uid"] for row in task.test_docs()] == [a.uid for a in annotated]
+    assert len(annotated) == 3
+
+
+def test_tag_runs_the_three_tagged_tasks(shared_data):
+    tasks = load_tasks(BenchConfig(limit=2), ["sftkey_tagged"])
+    assert sorted(tasks) == sorted(TAGGED_TASKS)
+    for name, task in tasks.items():
+        questions = gold_records(DataConfig(TAGGED_TASKS[name], "test", limit=2))[0]
+        assert list(task.test_docs()) == [{"uid": a.uid, "question": a.question, "answer": a.answer} for a in questions]
+
+
+def test_missing_data_folder_is_named_with_the_fix(tmp_path):
+    from sftkey.data import DataError
+
+    absent = tmp_path / "absent"
+    with pytest.raises(DataError, match=f"^gsm8k: {re.escape(str(absent))} does not exist; pass an existing file or data folder$"):
+        load_tasks(BenchConfig(data_path=str(absent)), ["gsm8k_tagged"])
 
 
 def test_flat_metrics_drop_commas_and_non_numbers():
@@ -51,9 +81,9 @@ def test_cli_reports_a_bad_checkpoint_and_exits_2(tmp_path, capsys):
 def test_builtin_gsm8k_5shot_runs_offline_on_local_files(tiny_model_dir, shared_data, tmp_path):
     config = BenchConfig(checkpoint=str(tiny_model_dir), tasks=["gsm8k"], limit=2, batch_size=2, max_new_tokens=4,
                          device="cpu", log_samples=True)
-    spec = task_config("gsm8k", config, tmp_path)
-    assert spec["num_fewshot"] == 5 and spec["dataset_path"] == "json"
-    assert sorted(spec["dataset_kwargs"]["data_files"]) == ["test", "train"]
+    spec = reference_task()
+    assert (spec["task"], spec["num_fewshot"], spec["generation_kwargs"]["max_gen_toks"]) == ("gsm8k", 5, 512)
+    assert "dataset_path" not in spec  # nothing from the hub
     results = run(config)
     samples = [s for s in results["samples"]["gsm8k"] if s["filter"] == "strict-match"]
     questions = {r.uid: r.question for r in gold_records(DataConfig("gsm8k", "test", limit=2))[0]}
@@ -62,4 +92,5 @@ def test_builtin_gsm8k_5shot_runs_offline_on_local_files(tiny_model_dir, shared_
         prompt = sample["arguments"][0][0]
         assert prompt.count("Question: ") == 6  # five shots as earlier chat turns, then the question
         assert prompt.endswith(f"Question: {questions[sample['doc']['uid']]}\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+        assert sample["arguments"][0][1]["max_gen_toks"] == 4  # the config's cap, through lm-eval's gen_kwargs
     assert set(flat_metrics(results)) == {"gsm8k/exact_match_strict-match", "gsm8k/exact_match_flexible-extract", "gsm8k/sample_len"}

@@ -7,7 +7,8 @@ from lm_eval.api.metrics import exact_match_hf_evaluate
 from lm_eval.filters.extraction import RegexFilter
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from evals.run import TASKS_DIR
+from evals.run import TAGGED_TASKS, TASKS_DIR
+from sftkey.evaluate import default_max_new_tokens
 from sftkey.score import answers_match, extract_tagged_answer
 
 TASKS = ["gsm8k_tagged", "svamp_tagged", "math500_tagged"]
@@ -36,10 +37,13 @@ def lm_eval_match(config: dict, pred: str, gold: str) -> bool:
 @pytest.mark.parametrize("task", TASKS)
 def test_task_yaml_is_zero_shot_tagged_generation_with_both_filters(task):
     config = task_yaml(task)
-    assert config["task"] == task
-    assert (config["output_type"], config["num_fewshot"], config["dataset_path"]) == ("generate_until", 0, "json")
+    assert (config["task"], config["tag"], config["dataset_kwargs"]) == (task, "sftkey_tagged", {"dataset": TAGGED_TASKS[task]})
+    assert (config["output_type"], config["num_fewshot"], config["test_split"]) == ("generate_until", 0, "test")
+    assert "dataset_path" not in config and config["custom_dataset"].__name__ == "tagged_dataset"  # sftkey's loader
     assert (config["doc_to_text"], config["doc_to_target"]) == ("{{question}}", "{{answer}}")
-    assert config["generation_kwargs"] == {"until": [], "do_sample": False, "max_gen_toks": 256}
+    # the cap of `sftkey eval` on the data set, so both score the same (possibly cut) responses
+    cap = default_max_new_tokens(TAGGED_TASKS[task])
+    assert config["generation_kwargs"] == {"until": [], "do_sample": False, "max_gen_toks": cap}
     assert [f["name"] for f in config["filter_list"]] == ["strict-match", "flexible-extract"]
 
 
