@@ -261,8 +261,11 @@ def benchmark_dataset(benchmark: Mapping[str, Any] | None) -> tuple[str, str] | 
     version): the name and digest the benchmark run logs it under as an MLflow dataset input."""
     if not benchmark or not benchmark.get("dataset") or not benchmark.get("data_version"):
         return None
+    from orchestration.tracking import DATASET_DIGEST_CHARS
+
     split = benchmark.get("split")
-    return f"{benchmark['dataset']}-{split}" if split else str(benchmark["dataset"]), str(benchmark["data_version"])
+    name = f"{benchmark['dataset']}-{split}" if split else str(benchmark["dataset"])
+    return name, str(benchmark["data_version"])[:DATASET_DIGEST_CHARS]
 
 
 def logged_model_id(version: "ModelVersion") -> str | None:

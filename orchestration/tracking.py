@@ -42,6 +42,7 @@ REAPED_TAG = "sftkey.reaped"
 LOCK_TIMEOUT_S = 60.0  # creating or migrating a new sqlite store takes seconds; never wait forever on its lock
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what the MLflow 3 UI reads to pick its GenAI or model-training view
 MODEL_TRAINING = "custom_model_development"  # shown as "Model training"
+DATASET_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest: a data version (sha256 hex) is cut to its prefix
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value; longer ones are logged as a JSON artifact instead
 
 
@@ -303,7 +304,7 @@ class MlflowTracker:
 
         with warnings.catch_warnings():  # a local path matches two registered source kinds; MLflow picks one
             warnings.simplefilter("ignore")
-            dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest)
+            dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest[:DATASET_DIGEST_CHARS])
         self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                           [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 

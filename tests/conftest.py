@@ -1,14 +1,22 @@
-"""Shared fixtures: the tiny tokenizer/model (built offline in seconds) and the real data when present."""
+"""Shared fixtures: the tiny tokenizer/model (built offline in seconds), the real data when present, and
+`run_cli`, the `sftkey` command run in this process (no interpreter start-up per call)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 5x faster for small models on this 2-core machine
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+os.environ.setdefault("SFTKEY_HUB_TIMEOUT_S", "2")  # the 8 s default is for the real internet; tests fake the hub
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -46,3 +54,64 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def _process_state_restored():
+    """Undo what a command changes in its process: environment, signal handlers, root logging, warning filters,
+    working directory (a real `sftkey` process simply exits with them)."""
+    environ, cwd = dict(os.environ), os.getcwd()
+    handlers = {s: signal.getsignal(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)}
+    root = logging.getLogger()
+    level, root_handlers = root.level, list(root.handlers)
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+        for signum, handler in handlers.items():
+            if handler is not None and signal.getsignal(signum) is not handler:  # None: set outside Python
+                signal.signal(signum, handler)
+        root.setLevel(level)
+        root.handlers[:] = root_handlers
+
+
+@pytest.fixture
+def run_cli(capfd):
+    """`run_cli(*args, env=None, cwd=None) -> CliResult`: `sftkey ARGS` as the console script runs it
+    (`sys.exit(main())`), in this process: the same exit code, and fd-level stdout/stderr of the call only.
+    `env` adds to (or, with None values, removes from) the environment for the call. An exception that is not a
+    UserError propagates (the real process would print a traceback and exit 1). Output the test printed before
+    the call is discarded; it captures with capfd, so a test using it cannot also ask for capsys."""
+    from sftkey.cli import main
+
+    def run(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None) -> CliResult:
+        capfd.readouterr()
+        with _process_state_restored():
+            for key, value in (env or {}).items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            if cwd is not None:
+                os.chdir(cwd)
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit_:  # argparse's usage errors (2), --help (0)
+                code = exit_.code
+        if isinstance(code, str):  # sys.exit("text") prints the text and exits 1
+            print(code, file=sys.stderr)
+            code = 1
+        out, err = capfd.readouterr()
+        return CliResult(0 if code is None else code, out, err)
+
+    return run

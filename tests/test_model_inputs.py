@@ -4,6 +4,7 @@ traceback that names the model and the fix, and nothing written."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import shutil
 import socket
@@ -44,6 +45,16 @@ def fails(capfd, argv: list[str], expected: str, seconds: float = 10.0) -> None:
     assert err.splitlines() == [expected]
 
 
+@pytest.fixture(scope="module")
+def imported():
+    """The commands' heavy imports done before a test times a failure (the bound is on the hub, not on torch)."""
+    for module in ("accelerate", "sftkey.prepare", "sftkey.train.trainer"):
+        importlib.import_module(module)
+    from transformers import AutoTokenizer  # transformers' lazy modules load on first attribute access
+
+    return AutoTokenizer
+
+
 @pytest.fixture
 def pickled_model(tiny_model_dir, tmp_path) -> Path:
     """The tiny model with its weights as pytorch_model.bin only, as older checkpoints were saved."""
@@ -66,13 +77,13 @@ def offline_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def silent_hub(offline_cache, monkeypatch):
-    """Online mode against a hub that accepts connections and never answers, with a 1 s timeout."""
+    """Online mode against a hub that accepts connections and never answers, with a 0.5 s timeout."""
     from huggingface_hub import constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "HUB_TIMEOUT_S", 1.0)
+    monkeypatch.setenv(models.HUB_TIMEOUT_ENV, "0.5")
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
@@ -127,7 +138,7 @@ def test_train_and_prepare_name_a_missing_model_path(name, tmp_path, monkeypatch
 
 # ---------------------------------------------------------------- unreachable hub ids
 
-def test_offline_hub_id_fails_at_once_in_train_and_prepare(offline_cache, tmp_path, monkeypatch, capfd):
+def test_offline_hub_id_fails_at_once_in_train_and_prepare(imported, offline_cache, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = (f"error: model {HUB_ID!r}: no local folder by that name, HF_HUB_OFFLINE is set, and the local HF "
                f"cache has no copy. {GUIDANCE}")
@@ -136,11 +147,11 @@ def test_offline_hub_id_fails_at_once_in_train_and_prepare(offline_cache, tmp_pa
     assert not (tmp_path / "runs").exists() and not (tmp_path / "prepared").exists()
 
 
-def test_a_hub_that_never_answers_fails_within_the_timeout(silent_hub, tmp_path, capfd):
+def test_a_hub_that_never_answers_fails_within_the_timeout(imported, silent_hub, tmp_path, capfd):
     message = (f"error: model {HUB_ID!r}: no local folder by that name, the Hugging Face hub is not reachable, "
                f"and the local HF cache has no copy. {GUIDANCE}")
-    fails(capfd, train_argv(HUB_ID, tmp_path / "runs"), f"sftkey train: {message}", seconds=8)
-    fails(capfd, prepare_argv(HUB_ID, tmp_path / "prepared"), f"sftkey prepare: {message}", seconds=8)
+    fails(capfd, train_argv(HUB_ID, tmp_path / "runs"), f"sftkey train: {message}", seconds=0.5 + 7.5)
+    fails(capfd, prepare_argv(HUB_ID, tmp_path / "prepared"), f"sftkey prepare: {message}", seconds=0.5 + 7.5)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "prepared").exists()
 
 

@@ -378,6 +378,7 @@ def test_unknown_hub_id_fails_fast_with_guidance(online_hub):
 def test_hub_that_never_answers_fails_within_the_timeout(online_hub, monkeypatch):
     from huggingface_hub import constants
 
+    monkeypatch.setenv(models.HUB_TIMEOUT_ENV, "0.5")
     with socket.socket() as silent:  # accepts connections, never replies: a firewalled proxy, say
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
@@ -386,7 +387,24 @@ def test_hub_that_never_answers_fails_within_the_timeout(online_hub, monkeypatch
         with pytest.raises(ModelResolveError, match="the Hugging Face hub is not reachable, and the local "
                                                     "HF cache has no copy"):
             resolve_model("sftkey-tests/no-such-model-7f3a")
-        assert time.monotonic() - started < 20
+        waited = time.monotonic() - started
+    assert 0.5 <= waited < 0.5 + 5  # it waited for the silent hub, and gave up at the configured timeout
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_a_hub_timeout_that_is_not_a_positive_number_is_refused(online_hub, monkeypatch, value):
+    monkeypatch.setenv(models.HUB_TIMEOUT_ENV, value)
+    with pytest.raises(ModelResolveError) as error:
+        resolve_model("sftkey-tests/no-such-model-7f3a")
+    assert str(error.value) == (f"SFTKEY_HUB_TIMEOUT_S={value!r}: not a positive number of seconds; set it to e.g. "
+                                "8, or unset it for the default")
+
+
+def test_the_hub_timeout_is_read_at_each_call(monkeypatch):
+    monkeypatch.delenv(models.HUB_TIMEOUT_ENV)
+    assert models.hub_timeout_s() == 8.0
+    monkeypatch.setenv(models.HUB_TIMEOUT_ENV, " 0.25 ")
+    assert models.hub_timeout_s() == 0.25
 
 
 def test_offline_mode_fails_at_once(monkeypatch):

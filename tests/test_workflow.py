@@ -1,10 +1,9 @@
-"""The command-line workflow a user follows: train two arms, evaluate each, compare them."""
+"""The command-line workflow a user follows: train two arms, evaluate each, compare them (in process: `run_cli`)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
 
 ARITH = Path(__file__).parent / "train" / "fixtures" / "arith.jsonl"
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,14 +13,17 @@ HELD_OUT = [("What is 17 + 25?", "17 + 25 = 42", "42"), ("What is 9 * 8?", "9 * 
             ("What is 61 - 19?", "61 - 19 = 42", "42"), ("What is 144 / 12?", "144 / 12 = 12", "12")]
 
 
-def sftkey(*args, home, expect: int = 0):
-    result = subprocess.run([sys.executable, "-m", "sftkey.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "SFTKEY_HOME": str(home)}, timeout=600)
-    assert result.returncode == expect, result.stderr[-3000:]
-    return result.stdout if expect == 0 else result.stderr
+@pytest.fixture
+def sftkey(run_cli):
+    def run(*args, home, expect: int = 0) -> str:
+        result = run_cli(*args, env={"SFTKEY_HOME": str(home)}, cwd=ROOT)
+        assert result.exit_code == expect, result.stderr[-3000:]
+        return result.stdout if expect == 0 else result.stderr
+
+    return run
 
 
-def test_train_eval_compare(tmp_path):
+def test_train_eval_compare(tmp_path, sftkey):
     runs = tmp_path / "runs"
     sftkey("train", "--config", "configs/smoke_cpu.yaml", "--set", f"output_dir={runs}",
            "--set", f"data.path={ARITH}", "--set", "data.split=train", home=tmp_path)
@@ -41,7 +43,7 @@ def test_train_eval_compare(tmp_path):
     printed = sftkey("compare", str(tmp_path / "eval"), "--baseline", "sft_tag", "--out", str(out), home=tmp_path)
     assert "- sftkey_tag vs sft_tag:" in printed
     assert "so this verdict is about these trained models only" in printed  # one seed
-    report = json.loads((out / "compare.json").read_text())
+    report = json.loads((out / "comparison.json").read_text())
     assert [(a["arm"], a["seeds"]) for a in report["arms"]] == [("sft_tag", [0]), ("sftkey_tag", [0])]
     for png in ("accuracy.png", "answer_loss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,9 +1,12 @@
 """Fixtures for the orchestration tests: the smoke pipeline (configs/pipeline_smoke.yaml) on the tiny model, run
-once per session into a temp folder with a real sqlite MLflow store, a real DVC repo and a Dagster instance."""
+once per session into a temp folder with a real sqlite MLflow store, a real DVC repo and a Dagster instance; and
+fresh MLflow stores copied from one migrated per session (MLflow's schema migrations take seconds per store)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,30 @@ def write_config(raw: dict, path: Path) -> Path:
     return path
 
 
+def seed_mlflow_store(template: Path, database: Path) -> Path:
+    """`database` becomes a copy of the migrated empty store `template` (sqlite's backup: a consistent copy)."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(template)) as source, contextlib.closing(sqlite3.connect(database)) as to:
+        source.backup(to)
+    return database
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with every migration applied (tracking and registry tables), made once."""
+    from orchestration.tracking import open_client
+
+    database = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    open_client(f"sqlite:///{database}")
+    return database
+
+
+@pytest.fixture
+def mlflow_db(mlflow_template, tmp_path) -> Path:
+    """This test's own empty, migrated MLflow store at tmp_path/mlflow/mlflow.db (where a work dir keeps it)."""
+    return seed_mlflow_store(mlflow_template, tmp_path / "mlflow" / "mlflow.db")
+
+
 @dataclass
 class SmokeRun:
     raw: dict
@@ -40,7 +67,7 @@ class SmokeRun:
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tiny_model_dir, tmp_path_factory, shared_data) -> SmokeRun:
+def smoke_run(tiny_model_dir, tmp_path_factory, shared_data, mlflow_template) -> SmokeRun:
     import dagster as dg
 
     from orchestration.config import load_pipeline_config
@@ -50,6 +77,7 @@ def smoke_run(tiny_model_dir, tmp_path_factory, shared_data) -> SmokeRun:
     raw = smoke_raw(tiny_model_dir, work / "work")
     path = write_config(raw, work / "pipeline_smoke.yaml")
     config = load_pipeline_config(path)
+    seed_mlflow_store(mlflow_template, work / "work" / "mlflow" / "mlflow.db")  # where the default tracking_uri points
     (work / "work" / "dagster").mkdir(parents=True)
     instance = dg.DagsterInstance.local_temp(str(work / "work" / "dagster"))
     lines: list[str] = []

@@ -43,8 +43,8 @@ def dead_pid() -> int:
 
 
 @pytest.fixture
-def tracking(tmp_path) -> MlflowResource:
-    return MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}", experiment="crash")
+def tracking(mlflow_db) -> MlflowResource:
+    return MlflowResource(tracking_uri=f"sqlite:///{mlflow_db}", experiment="crash")
 
 
 # ---------------------------------------------------------------------------------- reaping

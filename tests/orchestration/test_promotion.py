@@ -33,7 +33,7 @@ from orchestration.registry import (
     register_candidate,
     version_by_alias,
 )
-from tests.orchestration.conftest import SMOKE_CONFIG, smoke_raw, write_config
+from tests.orchestration.conftest import SMOKE_CONFIG, seed_mlflow_store, smoke_raw, write_config
 
 QUESTIONS = [f"q{i:02d}" for i in range(20)]
 BENCH = {"dataset": "svamp", "split": "test", "limit": 20, "data_version": "d1", "n_questions": 20, "tagged": True,
@@ -51,12 +51,12 @@ GATE = dict(margin_points=1.0, alpha=0.05, min_accuracy=0.05)
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    """One real sqlite registry per module (creating its tables takes seconds); each test its own model name."""
+def client(tmp_path_factory, mlflow_template):
+    """One real sqlite registry per module (a copy of the session's migrated store); each test its own model name."""
     from mlflow import MlflowClient
 
     folder = tmp_path_factory.mktemp("registry")
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{seed_mlflow_store(mlflow_template, folder / 'mlflow.db')}")
     client.create_experiment("gate", artifact_location=(folder / "artifacts").as_uri())
     return client
 
@@ -115,7 +115,7 @@ def promotion_config(tmp_path: Path, **promotion) -> Path:
 ])
 def test_gate_settings_that_let_anything_through_are_refused_at_load_time(tmp_path, key, value, message):
     from orchestration.config import load_pipeline_config
-    from sftkey.train.config import ConfigError
+    from sftkey.config_file import ConfigError
 
     path = promotion_config(tmp_path, **{key: value})
     line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith(f"{key}:"))
@@ -359,7 +359,7 @@ def test_failed_checks_reads_the_latest_error_evaluation_on_the_candidate_partit
     evaluation("benchmark_scores", "check_benchmark_scores_format_accuracy", False, "sft_tag|0")
     evaluation("benchmark_scores", "check_benchmark_scores_length_cap", False, "sftkey_tag|0",
                dg.AssetCheckSeverity.WARN)
-    evaluation("stage1_model", "check_stage1_model_loss_finite", True, "sftkey_tag|0")
+    evaluation("stage2_model", "check_stage2_model_answer_loss", True, "sftkey_tag|0")
     evaluation("annotated_dataset", "check_annotated_dataset_coverage", False)
     assert failed_checks(instance, {}, "sftkey_tag|0") == [
         "check_annotated_dataset_coverage", "check_benchmark_scores_format_accuracy [sftkey_tag|0]"]

@@ -83,10 +83,10 @@ def test_different_questions_are_refused_without_a_test():
 
 
 @pytest.fixture
-def client(tmp_path):
+def client(tmp_path, mlflow_db):
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{mlflow_db}")  # a copy of the session's migrated store (conftest)
     client.create_experiment("gate", artifact_location=(tmp_path / "artifacts").as_uri())
     return client
 
@@ -167,6 +167,7 @@ def test_benchmark_scores_are_metrics_of_the_version_not_tags(client, tmp_path):
     assert client.get_run(bench).data.metrics["strict_accuracy"] == 0.2
     assert benchmark_dataset({"dataset": "gsm8k", "split": None, "data_version": "v1"}) == ("gsm8k", "v1")
     assert benchmark_dataset({"dataset": "gsm8k"}) is None
+    assert benchmark_dataset({"dataset": "svamp", "split": "test", "data_version": "ab" * 32}) == ("svamp-test", "ab" * 18)
 
 
 def test_metrics_without_a_logged_model_are_refused_before_registering(client, tmp_path):

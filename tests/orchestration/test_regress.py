@@ -207,16 +207,15 @@ def materialize(smoke_run, raw: dict, names: list[str]):
     import dagster as dg
 
     from orchestration.checks import ALL_CHECKS
-    from orchestration.config import pipeline_config_from_dict, resources, run_config
-    from orchestration.definitions import ALL_ASSETS, op_config_for
+    from orchestration.config import pipeline_config_from_dict, resources
+    from orchestration.definitions import ALL_ASSETS
 
     config = pipeline_config_from_dict(raw)
     selection = [a for a in ALL_ASSETS if a.key.to_user_string() in names]
     partitioned = "stage1_model" in names
     partition = dg.MultiPartitionKey({"arm": "sft_tag", "seed": "0"}) if partitioned else None
     result = dg.materialize(ALL_ASSETS + ALL_CHECKS, selection=selection, partition_key=partition,
-                            instance=smoke_run.instance, resources=resources(config, "warm-test"),
-                            run_config=op_config_for(run_config(config), selection))
+                            instance=smoke_run.instance, resources=resources(config, "warm-test"))
     assert result.success
     return result
 

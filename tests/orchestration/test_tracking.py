@@ -28,8 +28,8 @@ UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
 
 
 @pytest.fixture
-def tracking(tmp_path) -> MlflowResource:
-    return MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}", experiment="test")
+def tracking(mlflow_db) -> MlflowResource:  # tmp_path/mlflow/mlflow.db, copied migrated (conftest)
+    return MlflowResource(tracking_uri=f"sqlite:///{mlflow_db}", experiment="test")
 
 
 def test_flatten_and_metric_names():
@@ -356,12 +356,13 @@ def test_log_input_records_the_data_set_with_its_data_version_as_digest(shared):
     client = shared.client()
     run_id = client.create_run(shared.experiment_id()).info.run_id
     tracker = MlflowTracker(client, run_id)
-    tracker.log_input("gsm8k-train", "3f2a9c", "data/gsm8k/train.jsonl@v1.2", "training")
+    version = "3f2a9c" + "0" * 58  # a data version is a sha256 hex; MLflow keeps at most 36 characters of a digest
+    tracker.log_input("gsm8k-train", version, "data/gsm8k/train.jsonl@v1.2", "training")
     tracker.log_input("svamp-test", "77aa01", "https://example.org/svamp.jsonl", "evaluation")
     inputs = client.get_run(run_id).inputs.dataset_inputs
     seen = {(i.dataset.name, i.dataset.digest, i.dataset.source_type, json.loads(i.dataset.source).popitem()[1],
              {t.key: t.value for t in i.tags}["mlflow.data.context"]) for i in inputs}
-    assert seen == {("gsm8k-train", "3f2a9c", "local", "data/gsm8k/train.jsonl@v1.2", "training"),
+    assert seen == {("gsm8k-train", version[:36], "local", "data/gsm8k/train.jsonl@v1.2", "training"),
                     ("svamp-test", "77aa01", "http", "https://example.org/svamp.jsonl", "evaluation")}
 
 

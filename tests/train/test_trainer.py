@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftkey.train.config import ConfigError, load_config, run_config
+from sftkey.config_file import ConfigError
+from sftkey.train.config import load_config, run_config
 from sftkey.train.tracking import read_metrics
 from sftkey.train.trainer import RunStateError, TrainingError, run_stage, train_arm
 
