@@ -170,6 +170,8 @@ def regress(config: Path, baseline: Path, work_dir: str | None = None, no_champi
     return command.run(args)
 
 
+# slow: CI's `sftkey regress` run covers the same path on every change
+@pytest.mark.slow
 def test_regress_passes_on_its_baseline_and_fails_on_a_degraded_model(smoke_run, tmp_path, monkeypatch, capsys):
     from orchestration.commands import regress as command
     from orchestration.regress import measured_metrics
@@ -220,6 +222,7 @@ def materialize(smoke_run, raw: dict, names: list[str]):
     return result
 
 
+@pytest.mark.slow
 def test_warm_work_dir_rescores_swapped_weights_and_retrains_under_other_code(smoke_run, monkeypatch):
     """Reuse must never hide a change: weights swapped in a finished checkpoint are scored again, and another code
     version trains again, though the config, data and base weights are the same."""

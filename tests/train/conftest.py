@@ -37,15 +37,26 @@ def arith() -> Path:
     return ARITH
 
 
-@pytest.fixture
-def make_config(tiny_model_dir, tmp_path):
-    """TrainConfig from BASE with changes (nested dicts merge; `arms` replaces), writing under tmp_path."""
+@pytest.fixture(scope="session")
+def config_at(tiny_model_dir):
+    """TrainConfig from BASE with changes (nested dicts merge; `arms` replaces), writing under `output_dir`; for
+    fixtures wider than one test (a reference run trained once per module)."""
     from sftkey.train.config import config_from_dict
 
-    def build(changes: dict | None = None, output_dir: Path | None = None):
+    def build(changes: dict | None, output_dir: Path):
         raw = merge(BASE, changes or {})
         raw.setdefault("model", str(tiny_model_dir))
-        raw.setdefault("output_dir", str(output_dir or tmp_path / "runs"))
+        raw.setdefault("output_dir", str(output_dir))
         return config_from_dict(raw)
+
+    return build
+
+
+@pytest.fixture
+def make_config(config_at, tmp_path):
+    """TrainConfig from BASE with changes (nested dicts merge; `arms` replaces), writing under tmp_path."""
+
+    def build(changes: dict | None = None, output_dir: Path | None = None):
+        return config_at(changes, output_dir or tmp_path / "runs")
 
     return build

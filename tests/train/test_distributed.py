@@ -21,6 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two torchrun processes: ~20 s of start-up on 2 cores
 def test_two_processes_reproduce_the_single_process_loss_curve(tiny_model_dir, arith, tmp_path):
     config_file = tmp_path / "dp.yaml"
     config_file.write_text(yaml.safe_dump({

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from sftkey.config_file import ConfigError
 from sftkey.train.config import load_config, run_config
+from sftkey.train.layout import run_root
 from sftkey.train.tracking import read_metrics
 from sftkey.train.trainer import RunStateError, TrainingError, run_stage, train_arm
 
@@ -144,13 +146,33 @@ class CrashAt:
             raise KeyboardInterrupt(f"simulated kill at step {step}")
 
 
-@pytest.mark.parametrize("crash_step,lora", [(2, False), (5, False), (5, True)],
-                         ids=["mid-stage1", "mid-stage2", "lora-mid-stage2"])
-def test_a_killed_run_resumes_to_bit_identical_weights(make_config, tmp_path, crash_step, lora):
-    arms = {"sftkey_tag": {"format": "tagged", "stages": [{"name": "stage1", "loss": "sft", "steps": 3},
-                                                         {"name": "stage2", "loss": "key", "steps": 3}]}}
-    changes = {"arms": arms, "train": {"save_every": 1, "lora": {"r": 4} if lora else None}}
-    straight = train_arm(make_config(changes, tmp_path / "straight"), "sftkey_tag", 0)
+KILL_ARMS = {"sftkey_tag": {"format": "tagged", "stages": [{"name": "stage1", "loss": "sft", "steps": 3},
+                                                          {"name": "stage2", "loss": "key", "steps": 3}]}}
+
+
+def kill_changes(lora: bool) -> dict:
+    return {"arms": KILL_ARMS, "train": {"save_every": 1, "lora": {"r": 4} if lora else None}}
+
+
+@pytest.fixture(scope="module")
+def straight_run(config_at, tmp_path_factory):
+    """The uninterrupted reference of the kill tests: trained once per module and LoRA setting (read only)."""
+    finals = {}
+
+    def final(lora: bool) -> Path:
+        if lora not in finals:
+            finals[lora] = train_arm(config_at(kill_changes(lora), tmp_path_factory.mktemp("straight")), "sftkey_tag", 0)
+        return finals[lora]
+
+    return final
+
+
+@pytest.mark.parametrize("crash_step,lora", [pytest.param(2, False, marks=pytest.mark.slow, id="mid-stage1"),
+                                             pytest.param(5, False, id="mid-stage2"),
+                                             pytest.param(5, True, marks=pytest.mark.slow, id="lora-mid-stage2")])
+def test_a_killed_run_resumes_to_bit_identical_weights(make_config, tmp_path, crash_step, lora, straight_run):
+    changes = kill_changes(lora)
+    straight = straight_run(lora)
     config = make_config(changes, tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
         train_arm(config, "sftkey_tag", 0, tracker=CrashAt(crash_step))
@@ -164,7 +186,7 @@ def test_a_killed_run_resumes_to_bit_identical_weights(make_config, tmp_path, cr
     expected, got = weights(straight), weights(resumed)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
-    assert losses(run) == losses(tmp_path / "straight" / "sftkey_tag" / "seed0")
+    assert losses(run) == losses(run_root(straight))
     if lora:
         assert (resumed / "adapter" / "adapter_config.json").exists()
     assert json.loads((run / "run.json").read_text())["status"] == "done"
@@ -253,15 +275,25 @@ def test_impossible_stages_fail_before_any_run_folder_exists(make_config, tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("crash_step,left", [(4, ["stage1-final"]), (6, ["stage1-final", "step-00000005"])],
-                         ids=["before-first-stage2-checkpoint", "after-first-stage2-checkpoint"])
-def test_an_arm_with_a_reused_stage1_resumes_its_stage2(make_config, tmp_path, crash_step, left):
+REUSE_CHANGES = {"train": {"save_every": 2}}  # stage 2 (global steps 4-6) checkpoints at global step 5
+
+
+@pytest.fixture(scope="module")
+def straight_reused(config_at, tmp_path_factory) -> Path:
+    """SFTKey-Tag's final checkpoint after SFT-Tag trained the shared stage 1, uninterrupted (trained once)."""
+    config = config_at(REUSE_CHANGES, tmp_path_factory.mktemp("straight"))
+    train_arm(config, "sft_tag", 0)
+    return train_arm(config, "sftkey_tag", 0)
+
+
+@pytest.mark.parametrize("crash_step,left", [
+    pytest.param(4, ["stage1-final"], marks=pytest.mark.slow, id="before-first-stage2-checkpoint"),
+    pytest.param(6, ["stage1-final", "step-00000005"], id="after-first-stage2-checkpoint")])
+def test_an_arm_with_a_reused_stage1_resumes_its_stage2(make_config, tmp_path, crash_step, left, straight_reused):
     """SFTKey-Tag's stage 1 is linked from SFT-Tag (its sftkey.json carries SFT-Tag's config); a crash in its
     stage 2 resumes whether or not a stage-2 checkpoint was written, and a real config change is still refused."""
-    changes = {"train": {"save_every": 2}}  # stage 2 (global steps 4-6) checkpoints at global step 5
-    straight_config = make_config(changes, tmp_path / "straight")
-    train_arm(straight_config, "sft_tag", 0)
-    straight = train_arm(straight_config, "sftkey_tag", 0)
+    changes = REUSE_CHANGES
+    straight = straight_reused
     config = make_config(changes, tmp_path / "killed")
     train_arm(config, "sft_tag", 0)
     with pytest.raises(KeyboardInterrupt):
@@ -284,7 +316,7 @@ def test_an_arm_with_a_reused_stage1_resumes_its_stage2(make_config, tmp_path, c
     expected, got = weights(straight), weights(resumed)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
-    assert losses(run) == losses(tmp_path / "straight" / "sftkey_tag" / "seed0")
+    assert losses(run) == losses(run_root(straight))
     assert [row["step"] for row in read_metrics(run / "metrics.jsonl")] == [4, 5, 6]
     assert json.loads((run / "run.json").read_text())["status"] == "done"
 
