@@ -290,6 +290,7 @@ def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance,
     import dagster as dg
 
     from orchestration.checks import ALL_CHECKS
+    from orchestration.assets import arm_comparison, registered_model
     from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, PARTITIONED_ASSETS, REPORT_ASSETS
 
     started = time.monotonic()
@@ -331,8 +332,8 @@ def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance,
                         partition_key=key)
     outcome = materialize(REPORT_ASSETS, "arm_comparison -> registered_model -> promotion gate -> champion_model",
                           expect_gate=True)
-    result.comparison = outcome.output_for_node("arm_comparison")
-    result.registered = outcome.output_for_node("registered_model")
+    result.comparison = outcome.output_for_node(arm_comparison.op.name)
+    result.registered = outcome.output_for_node(registered_model.op.name)
     version = res["tracking"].client().get_model_version(result.registered["name"], result.registered["version"])
     result.decision = {k: v for k, v in version.tags.items() if k.startswith("promotion.")}
     result.promoted, result.promotion_reason = _promotion(outcome)
@@ -371,7 +372,9 @@ def _promotion(outcome) -> tuple[bool, str]:
         return False, "the promotion gate did not run"
     if not gate.passed:
         return False, gate.description or "refused by the promotion gate"
-    champion = outcome.output_for_node("champion_model")
+    from orchestration.assets import champion_model
+
+    champion = outcome.output_for_node(champion_model.op.name)
     return champion["promoted"], champion["reason"]
 
 
