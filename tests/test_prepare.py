@@ -1,3 +1,4 @@
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -6,16 +7,6 @@ from sftkey.data import DataConfig
 from sftkey.prepare import PrepareConfig, prepare, read_prepared, summary_lines, tokenize_records, write_prepared
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def sftkey_cli(capsys, *args) -> tuple[int, str, str]:
-    """`sftkey ARGS` in this process (a subprocess costs seconds of imports): exit code, stdout, stderr."""
-    from sftkey.cli import main
-
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_prepare_fixture_counts_roles_and_exclusions(tiny_tokenizer):
@@ -86,18 +77,18 @@ def test_write_is_atomic_and_round_trips(tiny_tokenizer, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prep"]
 
 
-def test_prepare_cli_on_a_user_jsonl(tmp_path, capsys, monkeypatch, tiny_model_dir):
+def test_prepare_cli_on_a_user_jsonl(tmp_path, run_cli, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("SFTKEY_HOME", str(tmp_path / "home"))
     out = tmp_path / "prepared"
-    code, stdout, stderr = sftkey_cli(capsys, "prepare", "--dataset", "jsonl", "--split", "all", "--data-path",
-                                      str(FIXTURES / "bad_records.jsonl"), "--model", str(tiny_model_dir),
-                                      "--out", str(out))
+    code, stdout, stderr = astuple(run_cli("prepare", "--dataset", "jsonl", "--split", "all", "--data-path",
+                                  str(FIXTURES / "bad_records.jsonl"), "--model", str(tiny_model_dir),
+                                  "--out", str(out)))
     assert code == 0, stderr
     lines = stdout.splitlines()
     assert lines[1] == "records 6, kept 2, excluded 4"
     assert "  excluded: 1 x empty question" in lines
     assert lines[-3].startswith("answer-token share of response tokens: ")
-    code, stdout, stderr = sftkey_cli(capsys, "show-example", str(out), "--index", "1", "--no-color")
+    code, stdout, stderr = astuple(run_cli("show-example", str(out), "--index", "1", "--no-color"))
     assert code == 0, stderr
     assert stdout.startswith("jsonl-all-00005: ")
     assert stdout.endswith(
@@ -105,12 +96,12 @@ def test_prepare_cli_on_a_user_jsonl(tmp_path, capsys, monkeypatch, tiny_model_d
     )
 
 
-def test_prepare_cli_reports_bad_input_with_file_and_line(tmp_path, capsys, monkeypatch):
+def test_prepare_cli_reports_bad_input_with_file_and_line(tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("SFTKEY_HOME", str(tmp_path / "home"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "solution": "1\\n#### 1"}\n{"question": "b"\n')
-    code, _, stderr = sftkey_cli(capsys, "prepare", "--dataset", "jsonl", "--split", "all", "--data-path", str(bad),
-                                 "--model", "tiny", "--out", str(tmp_path / "out"))
+    code, _, stderr = astuple(run_cli("prepare", "--dataset", "jsonl", "--split", "all", "--data-path", str(bad),
+                             "--model", "tiny", "--out", str(tmp_path / "out")))
     assert code == 2
     assert f"error: {bad} line 2: invalid JSON" in stderr
     assert not (tmp_path / "out").exists()
