@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestration import guard
 from orchestration.config import PipelineConfig, default_tracking_uri
+from orchestration.instance import psycopg2_url
 from orchestration.tracking import default_artifact_location
 from sftkey.errors import UserError
 
@@ -36,6 +38,10 @@ class ServerFailed(UserError, RuntimeError):
     exit_code = 1
 
 
+class MissingPassword(UserError):
+    """tracking.password_env names a variable that is not set."""
+
+
 @dataclass
 class Service:
     name: str
@@ -45,14 +51,27 @@ class Service:
 
 
 def mlflow_command(config: PipelineConfig, port: int) -> list[str] | None:
-    """`mlflow server` over the pipeline's sqlite store; None when tracking points at a server already."""
+    """`mlflow server` over the pipeline's sqlite store, or over `tracking.server_backend_store_uri` (e.g.
+    PostgreSQL) on the port of the http tracking_uri it serves, artifacts proxied through it (mlflow-artifacts:/);
+    None when tracking points at a server that runs elsewhere."""
+    tracking = config.sections.tracking
     uri = default_tracking_uri(config)
-    if not uri.startswith("sqlite:///"):
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        backend, artifacts = uri, default_artifact_location(uri)
+    elif tracking.server_backend_store_uri:
+        backend, port = psycopg2_url(tracking.server_backend_store_uri), served_port(uri)  # where the pipeline looks
+        artifacts = tracking.server_artifacts_destination or (config.work_dir / "mlflow" / "artifacts").as_uri()
+    else:
         return None
-    Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--artifacts-destination", default_artifact_location(uri), "--host", HOST, "--port", str(port),
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+            "--artifacts-destination", artifacts, "--serve-artifacts", "--host", HOST, "--port", str(port),
             "--workers", "1"]
+
+
+def served_port(tracking_uri: str) -> int:
+    parts = urllib.parse.urlsplit(tracking_uri)
+    return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def dagster_command(port: int) -> list[str]:
@@ -66,37 +85,54 @@ def service_env(config: PipelineConfig) -> dict[str, str]:
     env.setdefault("DAGSTER_HOME", str(config.work_dir / "dagster"))
     env[CONFIG_ENV] = str(Path(config.path).resolve()) if config.path else env.get(CONFIG_ENV, "")
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: 0.6 GB and 9 s to start
+    env.update(database_password(config))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     return env
+
+
+def database_password(config: PipelineConfig) -> dict[str, str]:
+    """PGPASSWORD (libpq reads it) for the MLflow server's database. (The Dagster instance's dagster.yaml names
+    its own variable, which the UI processes inherit.)"""
+    name = config.sections.tracking.password_env
+    if name and name not in os.environ:
+        raise MissingPassword(f"tracking.password_env: ${name} is not set; export it with the database's password")
+    return {"PGPASSWORD": os.environ[name]} if name else {}
 
 
 def start(config: PipelineConfig, dagster_port: int = DAGSTER_PORT, mlflow_port: int = MLFLOW_PORT,
           log_dir: Path | None = None) -> list[Service]:
     """Start both UIs (logs to `log_dir`, default `<work_dir>/ui-logs`) and wait until they answer."""
-    from orchestration.pipeline import add_partitions, dagster_instance
+    from orchestration.pipeline import dagster_instance, set_pool_limit
 
-    add_partitions(dagster_instance(config), config)  # the UI lists the config's arm x seed partitions
-    env = service_env(config)
+    env = service_env(config)  # first: a missing password is named before anything opens a database
+    set_pool_limit(dagster_instance(config), config)  # runs launched from the UI share the pipeline's device pool
     log_dir = Path(log_dir or config.work_dir / "ui-logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     services = []
     commands = [("dagster", dagster_command(dagster_port), f"http://{HOST}:{dagster_port}", "/server_info")]
+    if config.sections.tracking.server_backend_store_uri:  # the server answers where tracking_uri points
+        mlflow_port = served_port(default_tracking_uri(config))
     mlflow = mlflow_command(config, mlflow_port)
     if mlflow:
         commands.append(("mlflow", mlflow, f"http://{HOST}:{mlflow_port}", "/health"))
     try:
         for name, command, url, health in commands:
-            log = open(log_dir / f"{name}.log", "ab")
-            process = subprocess.Popen(guard.guarded(command), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       preexec_fn=guard.parent_death_preexec(os.getpid()),
-                                       cwd=Path(__file__).resolve().parents[1])
-            services.append(Service(name, url, url + health, process))
+            services.append(launch(name, command, url, health, env, log_dir))
         for service in services:
             wait_until_up(service, log_dir)
     except BaseException:
         stop(services)
         raise
     return services
+
+
+def launch(name: str, command: list[str], url: str, health: str, env: dict[str, str], log_dir: Path) -> Service:
+    """`command` under a guard that takes its process tree down with this process, logging to `log_dir`/NAME.log."""
+    with open(log_dir / f"{name}.log", "ab") as log:
+        process = subprocess.Popen(guard.guarded(command), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=guard.parent_death_preexec(os.getpid()),
+                                   cwd=Path(__file__).resolve().parents[1])
+    return Service(name, url, url + health, process)
 
 
 def wait_until_up(service: Service, log_dir: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> None:

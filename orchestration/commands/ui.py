@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML whose stores are shown (default {DEFAULT_CONFIG})")
     parser.add_argument("--work-dir", default=None, help="override the config's work_dir")
     parser.add_argument("--dagster-port", type=int, default=3000, help="Dagster UI port (default 3000)")
-    parser.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000)")
+    parser.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000; with "
+                        "tracking.server_backend_store_uri, the port of tracking.tracking_uri, where the pipeline looks)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -83,3 +83,18 @@ def smoke_run(tiny_model_dir, tmp_path_factory, shared_data, mlflow_template) ->
     lines: list[str] = []
     result = run_pipeline(config, echo=lines.append, instance=instance)
     return SmokeRun(raw, path, config, result, instance, lines)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/pg_server.py); skips, saying why, where none can run."""
+    from tests.pg_server import PostgresMissing, start_postgres
+
+    try:
+        server = start_postgres()
+    except PostgresMissing as missing:
+        pytest.skip(f"no PostgreSQL: {missing}")
+    try:
+        yield server
+    finally:
+        server.stop()

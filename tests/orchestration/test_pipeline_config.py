@@ -56,8 +56,8 @@ def test_one_settings_resource_carries_every_section(tmp_path):
 def test_a_job_launched_from_the_ui_needs_no_run_config():
     from orchestration.definitions import build_definitions
 
-    defs = build_definitions(SMOKE_CONFIG)
-    for name in ("prepare_data_job", "train_and_benchmark_job", "compare_and_register_job"):
+    defs = build_definitions(load_pipeline_config(SMOKE_CONFIG))
+    for name in ("sftkey_pipeline", "prepare_data_job"):
         job = defs.resolve_job_def(name)
         assert job.run_config_schema.config_type.fields["ops"].is_required is False  # nothing to fill in
 
@@ -143,7 +143,7 @@ def test_commands_report_a_bad_config_and_exit_2(tmp_path, capsys):
         assert main([command, "--config", str(path)]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert errors[0] == f"sftkey pipeline: error: {path} line 5: nmae: unknown key; did you mean 'name'? known " \
-                        "keys: name, work_dir, benchmark, checks, promotion, tracking, dvc, compute"
+                        "keys: name, work_dir, benchmark, checks, promotion, tracking, dvc, dagster, compute"
     assert errors[1].startswith(f"sftkey ui: error: {path} line 5: nmae: unknown key")
     assert errors[2].startswith(f"sftkey regress: error: {path} line 5: nmae: unknown key")
     assert len(errors) == 3  # one line each, no traceback
