@@ -1,6 +1,9 @@
-"""Entry point of one training stage under `accelerate launch` (ComputeResource with num_processes > 1).
+"""Entry point of one launched training stage (orchestration/launchers.py: `accelerate launch`, torchrun, a pod
+running the Dockerfile's ENTRYPOINT).
 
-Every process trains (data parallel); the main one reports the finished checkpoint to Dagster through Pipes.
+Every process trains (data parallel); the main one reports progress lines and the finished checkpoint to Dagster
+through Pipes, and each step's metrics to the MLflow run named by MLFLOW_TRACKING_URI and MLFLOW_RUN_ID (set by
+orchestration.telemetry.stage_telemetry) as it ends.
 
     accelerate launch --num_processes N -m orchestration.launch_stage --config C --arm A --seed S \\
         --stage-index K --init MODEL --prepared FOLDER
@@ -29,16 +32,18 @@ def main(argv: list[str] | None = None) -> int:
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     config = load_config(args.config)
-    run = lambda: run_stage(config, args.arm, args.seed, args.stage_index, args.init, resume=True,  # noqa: E731
-                            prepared=read_prepared(Path(args.prepared)))
+    run = lambda tracker=None: run_stage(config, args.arm, args.seed, args.stage_index, args.init,  # noqa: E731
+                                         tracker=tracker, resume=True, prepared=read_prepared(Path(args.prepared)))
     if not main_process:
         run()
         return 0
     from dagster_pipes import open_dagster_pipes
 
+    from orchestration.telemetry import tracker_from_env
+
     with open_dagster_pipes() as pipes:
         pipes.log.info(f"stage {args.stage_index} of {args.arm} seed {args.seed} on {os.environ.get('WORLD_SIZE', '1')} processes")
-        final = run()
+        final = run(tracker_from_env(say=pipes.log.info, warn=pipes.log.warning))
         pipes.report_custom_message({"checkpoint": str(final)})
     return 0
 
