@@ -1,18 +1,31 @@
-"""`sftkey train --config configs/X.yaml [--set key=value ...] [--resume] [--arm NAME] [--seed N] [--prepared DIR]`.
+"""`sftkey train --config configs/X.yaml [--set key=value ...] [--resume] [--arm NAME] [--seed N] [--prepared DIR]
+[--tracking-uri URI [--experiment NAME]]`.
 
 Runs every arm x seed of the config (or the chosen ones), each in `{output_dir}/{arm}/seed{seed}/`, with a progress
-bar. Under `accelerate launch` or `torchrun` every process runs this same command (data parallel).
+bar. Under `accelerate launch` or `torchrun` every process runs this same command (data parallel). With a tracking
+URI (or MLFLOW_TRACKING_URI) each arm x seed is also one MLflow run with live step metrics, logged by the main
+process through orchestration.telemetry (imported only then: the library never imports mlflow).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+
+from sftkey.errors import UserError
+
+DEFAULT_EXPERIMENT = "sftkey"
+FINAL_CHECKPOINT_TAG = "sftkey.final_checkpoint"  # on the arm x seed's MLflow run
+
+
+class TrackingSetupError(UserError):
+    """--tracking-uri was given but MLflow logging cannot be set up here."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepared", default=None, metavar="DIR",
                         help="train on a folder written by `sftkey prepare --out DIR` instead of preparing the "
                              "config's data again (its `data` section is then not read)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), metavar="URI",
+                        help="also log to MLflow: one run per arm x seed with params, live step metrics and the "
+                             "final checkpoint (default: $MLFLOW_TRACKING_URI; unset: no MLflow)")
+    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
+                        help="MLflow experiment of those runs "
+                             f"(default: $MLFLOW_EXPERIMENT_NAME or {DEFAULT_EXPERIMENT})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
         from sftkey.prepare import read_prepared
 
         prepared = read_prepared(args.prepared)  # a DataError names the folder and how to write it
+    mlflow_runs = _mlflow_runs(args.tracking_uri, args.experiment)  # the store is checked before any training
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # only effective before torch starts its thread pool
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers.utils import logging as hf_logging
 
+    from sftkey.train.layout import run_folder
     from sftkey.train.trainer import Terminated, train_arm
 
     hf_logging.disable_progress_bar()  # our own bar shows the steps; weight loading needs none
@@ -56,8 +77,13 @@ def run(args: argparse.Namespace) -> int:
         for arm in arms:
             for seed in seeds:
                 started = time.perf_counter()
+                metrics = run_folder(config.output_dir, arm, seed).metrics
                 try:  # user errors (bad data, a locked run folder, a NaN loss) reach the CLI's one line
-                    final = train_arm(config, arm, seed, resume=args.resume, prepared=prepared, progress=True)
+                    with (mlflow_runs(arm, seed, metrics) if mlflow_runs else contextlib.nullcontext()) as tracker:
+                        final = train_arm(config, arm, seed, tracker=tracker, resume=args.resume, prepared=prepared,
+                                          progress=True)
+                        if tracker is not None:
+                            tracker.set_tags({FINAL_CHECKPOINT_TAG: str(final)})
                 except (KeyboardInterrupt, Terminated) as e:  # run.json already says interrupted / killed
                     how = "interrupted" if isinstance(e, KeyboardInterrupt) else "killed by SIGTERM"
                     print(f"sftkey train: {arm} seed {seed}: {how}; rerun with --resume to continue from its newest "
@@ -68,6 +94,20 @@ def run(args: argparse.Namespace) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _mlflow_runs(tracking_uri: str | None, experiment: str):
+    """orchestration.telemetry.train_runs for the main process when a tracking URI is given, else None."""
+    if not tracking_uri or int(os.environ.get("RANK", "0")) != 0:  # the main process reports for all
+        return None
+    try:
+        from orchestration.telemetry import train_runs
+    except ImportError as error:
+        raise TrackingSetupError(
+            "--tracking-uri: logging to MLflow needs mlflow and this project's orchestration package "
+            f"({error}); install them with `pip install -e .` in the sftkey checkout, or drop --tracking-uri "
+            "(and unset MLFLOW_TRACKING_URI)") from None
+    return train_runs(tracking_uri, experiment)
 
 
 def _raise_terminated(signum, frame) -> None:

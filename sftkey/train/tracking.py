@@ -1,12 +1,14 @@
 """What the trainer reports, through a small Protocol: params, per-step metrics, tags and artifacts.
 
 The library ships a no-op tracker and a JSONL one (the run's `metrics.jsonl`); an MLflow tracker belongs to the
-orchestration layer, so the library never imports mlflow.
+orchestration layer, so the library never imports mlflow. A tracker may also have `start_stage(stage, steps, offset,
+start)`, told before a stage's first step (NullTracker's is the default): enough to show "step 12/40" and an ETA.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,11 +41,15 @@ class NullTracker:
     def log_artifact(self, path: str | Path) -> None:
         pass
 
+    def start_stage(self, stage: str, steps: int, offset: int, start: int) -> None:
+        """Stage `stage` runs its steps start+1..steps, logged as global steps offset+start+1..offset+steps."""
+
 
 class JsonlTracker:
     """One JSON object per line, appended and flushed at once, so a crash loses at most the line being written.
 
-    Metrics lines carry the current tags (arm, seed, stage): `{"type": "metrics", "step": 3, "stage": "stage1", "loss": ...}`.
+    Metrics lines carry the wall-clock time (unix seconds) and the current tags (arm, seed, stage):
+    `{"type": "metrics", "step": 3, "time": 1767225600.123, "stage": "stage1", "loss": ...}`.
     """
 
     def __init__(self, path: str | Path):
@@ -59,13 +65,16 @@ class JsonlTracker:
         self._write({"type": "params", **self.tags, "params": params})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._write({"type": "metrics", "step": step, **self.tags, **metrics})
+        self._write({"type": "metrics", "step": step, "time": round(time.time(), 3), **self.tags, **metrics})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
 
     def log_artifact(self, path: str | Path) -> None:
         self._write({"type": "artifact", **self.tags, "path": str(path)})
+
+    def start_stage(self, stage: str, steps: int, offset: int, start: int) -> None:
+        pass  # the stage's steps are in the params line
 
     def drop_metrics_after(self, step: int) -> list[str]:
         """Forget metrics lines past `step` (a resumed run logs those steps again) and a last line cut by a crash;
@@ -133,6 +142,11 @@ class FanoutTracker:
     def log_artifact(self, path: str | Path) -> None:
         for t in self.trackers:
             t.log_artifact(path)
+
+    def start_stage(self, stage: str, steps: int, offset: int, start: int) -> None:
+        for t in self.trackers:
+            if hasattr(t, "start_stage"):  # optional: a tracker of the four Protocol methods still works
+                t.start_stage(stage, steps, offset, start)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -1,5 +1,6 @@
 """The run layout: where a checkpoint's run, its trainer log and another arm's finished stage are found."""
 
+import time
 from pathlib import Path
 
 from sftkey.train import checkpoint as ckpt
@@ -30,8 +31,9 @@ def test_stage_metrics_are_the_rows_of_that_stage_only(tmp_path):
     log.set_tags({"stage": "stage2"})
     log.log_metrics({"loss": 1.5, "loss_answer": 0.5}, step=2)
     log.log_artifact(checkpoint)
-    assert stage_metrics(checkpoint, "stage2") == [
-        {"type": "metrics", "step": 2, "stage": "stage2", "loss": 1.5, "loss_answer": 0.5}]
+    rows = stage_metrics(checkpoint, "stage2")
+    assert time.time() - 60 < rows[0].pop("time") < time.time() + 0.001  # when it was logged (unix s, rounded to ms)
+    assert rows == [{"type": "metrics", "step": 2, "stage": "stage2", "loss": 1.5, "loss_answer": 0.5}]
     assert [row["step"] for row in stage_metrics(checkpoint, "stage1")] == [1]
     assert stage_metrics(checkpoint, "stage3") == []
 
