@@ -9,12 +9,14 @@ in the materialization metadata. Values passed between assets are small dicts of
 
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 
 import dagster as dg
 
 from orchestration.config import BenchmarkSection, PipelineSettings
+from orchestration.devices import step_devices
 from orchestration.dvc_data import DvcResource
 from orchestration.resources import ComputeResource, ModelStore, content_key
 from orchestration.tracking import MlflowResource
@@ -24,10 +26,8 @@ from sftkey.atomic import write_text
 warnings.filterwarnings("ignore", message="Parameter `data_version` of initializer `Output.__init__`",
                         category=dg.BetaWarning)
 
-ARM_SEED = dg.MultiPartitionsDefinition(
-    {"arm": dg.DynamicPartitionsDefinition(name="arm"), "seed": dg.DynamicPartitionsDefinition(name="seed")}
-)
-GROUP = "sftkey"  # one group: the UI draws the whole graph expanded (it folds each of several groups)
+GROUP = "sftkey"  # data and report assets; each arm's cells are a group of their own (the UI folds groups)
+CELL_ASSETS = ("stage1_model", "stage2_model", "benchmark_scores")  # one of each per arm x seed cell
 
 
 def _jsonl(path: Path, rows) -> Path:
@@ -162,39 +162,44 @@ def tokenized_dataset(context: dg.AssetExecutionContext, settings: PipelineSetti
 # ---------------------------------------------------------------------------------- training
 
 
-def partition(context: dg.AssetExecutionContext) -> tuple[str, int]:
-    keys = context.partition_key.keys_by_dimension
-    return keys["arm"], int(keys["seed"])
+def cell_name(arm: str) -> str:
+    """An arm name as a Dagster name (letters, digits, '_'): arm names may also hold '.' and '-'."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", arm)
+
+
+def cell_key(arm: str, seed: int, asset: str) -> dg.AssetKey:
+    """The key of one arm x seed cell's asset, e.g. sftkey_tag/seed0/stage2_model."""
+    return dg.AssetKey([cell_name(arm), f"seed{seed}", asset])
 
 
 def arm_of(training, arm: str, seed: int):
     if arm not in training.arms:
-        raise ValueError(f"partition arm {arm!r} is not an arm of the config ({', '.join(training.arms)}): "
-                         "materialize the partitions of this config's arms")
+        raise ValueError(f"arm {arm!r} is not an arm of the config ({', '.join(training.arms)}): "
+                         "materialize this config's cells")
     if seed not in training.seeds:
-        raise ValueError(f"partition seed {seed} is not a seed of the config ({training.seeds})")
+        raise ValueError(f"seed {seed} is not a seed of the config ({training.seeds})")
     return training.arms[arm]
 
 
 def candidate_model_name(settings: PipelineSettings, arm: str, seed: int) -> str | None:
-    """The MLflow model name of the partition's final model when it is the registry candidate; None otherwise
+    """The MLflow model name of the cell's final model when it is the registry candidate; None otherwise
     (only the candidate is logged as a model: the others' weights stay in the store)."""
     config = settings.config
     return f"{arm}-seed{seed}" if (arm, seed) == (config.candidate_arm, config.candidate_seed) else None
 
 
-def train_stage(context: dg.AssetExecutionContext, settings: PipelineSettings, tokenized: dict, stage_index: int,
-                init: str, store: ModelStore, compute: ComputeResource, tracking: MlflowResource,
+def train_stage(context: dg.AssetExecutionContext, arm: str, seed: int, settings: PipelineSettings, tokenized: dict,
+                stage_index: int, init: str, store: ModelStore, compute: ComputeResource, tracking: MlflowResource,
                 model_name: str | None) -> dg.Output[dict]:
-    """Stage `stage_index` of the partition's arm from `init`, in a folder named by the stage's key: a finished
+    """Stage `stage_index` of the cell's arm from `init`, in a folder named by the stage's key: a finished
     stage is reused, an interrupted one resumes from its newest checkpoint, a new one trains. The key holds the
     hash of the base weights as resolved now (with `model_fallback`), as the trainer's does. `model_name`: log
     the result as that MLflow model."""
+    from orchestration.telemetry import log_missing_steps, reuse_tags, stage_telemetry
     from sftkey.models import identity_params, resolve_base_model
     from sftkey.train.config import stage_key, training_view
     from sftkey.train.layout import finished_stage, stage_metrics
 
-    arm, seed = partition(context)
     training = settings.config.training
     arm_config = arm_of(training, arm, seed)
     stage = arm_config.stages[stage_index]
@@ -203,7 +208,7 @@ def train_stage(context: dg.AssetExecutionContext, settings: PipelineSettings, t
     key = stage_key(training, arm, seed, stage_index, data_version, base["weights_sha256"])
     tags = {"sftkey.arm": arm, "sftkey.seed": str(seed), "sftkey.stage": stage.name, "sftkey.stage_key": key,
             "sftkey.data_version": data_version, "sftkey.dvc_rev": tokenized["dvc_rev"]}
-    with tracking.asset_run(context, tags=tags) as run:
+    with tracking.asset_run(context, tags=tags, cell=f"{arm}|{seed}") as run:
         run.log_params(training_view(training, arm, seed) | {"init": init, "stage_index": stage_index}
                        | identity_params(base))
         run.log_input(f"{training.data.dataset}-{training.data.split}", data_version,
@@ -214,11 +219,14 @@ def train_stage(context: dg.AssetExecutionContext, settings: PipelineSettings, t
             if checkpoint is None:
                 status = "trained"
                 staged = dataclasses.replace(training, output_dir=str(folder))
+                telemetry = stage_telemetry(context, run, f"{arm} seed {seed} {stage.name}")  # metrics live, per step
                 checkpoint = compute.run_stage(context, staged, arm, seed, stage_index, init,
-                                               tokenized["formats"][arm_config.format]["folder"])
+                                               tokenized["formats"][arm_config.format]["folder"],
+                                               tracker=telemetry.tracker, env=telemetry.env)
         rows = stage_metrics(checkpoint, stage.name)
-        run.log_metric_rows([(row["step"], {k: v for k, v in row.items() if k not in ("type", "step", "arm", "seed",
-                                                                                      "stage")}) for row in rows])
+        # what MLflow has not seen live (a reused stage, the steps before a resume) at the times they were trained
+        log_missing_steps(run, rows)
+        run.set_tags(reuse_tags(run, status, key))
         model_uri = logged_model_uri(run, checkpoint, model_name, store, tracking) if model_name else None
     losses = [(row["step"], row["loss"]) for row in rows]
     answer_losses = [(row["step"], row["loss_answer"]) for row in rows if "loss_answer" in row]
@@ -262,7 +270,7 @@ def passed_through(context: dg.AssetExecutionContext, settings: PipelineSettings
             "sftkey.stage_key": stage1["key"], "sftkey.data_version": stage1["data_version"],
             "sftkey.dvc_rev": stage1["dvc_rev"]}
     name = candidate_model_name(settings, arm, seed)
-    with tracking.asset_run(context, tags=tags) as run:
+    with tracking.asset_run(context, tags=tags, cell=f"{arm}|{seed}") as run:
         base = (read_meta(Path(stage1["checkpoint"])) or {}).get("base_model") or {}  # what it was trained from
         run.log_params(training_view(settings.config.training, arm, seed)
                        | {"init": stage1["checkpoint"], "skipped": True} | identity_params(base))
@@ -274,51 +282,27 @@ def passed_through(context: dg.AssetExecutionContext, settings: PipelineSettings
     })
 
 
-@dg.asset(partitions_def=ARM_SEED, group_name=GROUP, code_version="1")
-def stage1_model(context: dg.AssetExecutionContext, settings: PipelineSettings, tokenized_dataset: dict,
-                 store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
-    """The arm's first stage from the base model (SFT-Tag: SFT on the tagged response; Key-Tag: answer only)."""
-    return train_stage(context, settings, tokenized_dataset, 0, settings.config.training.model, store, compute,
-                       tracking, model_name=None)
-
-
-@dg.asset(partitions_def=ARM_SEED, group_name=GROUP, code_version="1")
-def stage2_model(context: dg.AssetExecutionContext, settings: PipelineSettings, tokenized_dataset: dict,
-                 stage1_model: dict, store: ModelStore, compute: ComputeResource,
-                 tracking: MlflowResource) -> dg.Output[dict]:
-    """The arm's second stage from its stage-1 weights (SFTKey-Tag: loss on the answer span only); an arm with
-    one stage passes its stage-1 model through. The registry candidate's final model is logged to MLflow here."""
-    arm, seed = partition(context)
-    if len(arm_of(settings.config.training, arm, seed).stages) < 2:
-        return passed_through(context, settings, stage1_model, store, tracking)
-    output = train_stage(context, settings, tokenized_dataset, 1, stage1_model["checkpoint"], store, compute,
-                         tracking, model_name=candidate_model_name(settings, arm, seed))
-    output.value["answer_curve"] = stage1_model["answer_losses"] + output.value["answer_losses"]  # both stages
-    return output
-
-
 # ---------------------------------------------------------------------------------- benchmark and reports
 
 
-def partition_record_path(store: ModelStore, arm: str, seed: int) -> Path:
+def cell_record_path(store: ModelStore, arm: str, seed: int) -> Path:
     """Where benchmark_scores leaves one arm x seed's outcomes for arm_comparison, inside this pipeline run."""
     return store.run_folder("scores", arm) / f"seed{seed}.json"
 
 
-@dg.asset(partitions_def=ARM_SEED, group_name=GROUP, code_version="1")
-def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettings, stage2_model: dict,
-                     store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
-    """The arm's final model answers the held-out questions: our scorer (strict, lenient, format) and the
+def score_cell(context: dg.AssetExecutionContext, arm: str, seed: int, settings: PipelineSettings,
+               stage2_model: dict, store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
+    """benchmark_scores of a cell: the arm's final model answers the held-out questions: our scorer (strict, lenient, format) and the
     lm-eval tasks. Outputs are resumable: a crash mid-benchmark continues where it stopped."""
     from orchestration.registry import benchmark_dataset, benchmark_identity
     from sftkey.evaluate import OUTPUTS, SUMMARY, EvalConfig, evaluate, outcomes_from_rows
     from sftkey.generate import GenerationConfig
 
-    arm, seed = partition(context)
     bench = settings.config.benchmark
     key = score_key(stage2_model, dataclasses.asdict(bench))
     generation = GenerationConfig(max_new_tokens=bench.max_new_tokens, batch_size=bench.batch_size, progress=False)
-    with tracking.asset_run(context, tags={"sftkey.arm": arm, "sftkey.seed": str(seed)}) as run:
+    tags = {"sftkey.arm": arm, "sftkey.seed": str(seed)}
+    with tracking.asset_run(context, tags=tags, cell=f"{arm}|{seed}") as run:
         run.log_params({"benchmark": dataclasses.asdict(bench), "checkpoint": stage2_model["checkpoint"]})
         with store.claim("scores", key) as folder:
             summary = evaluate(EvalConfig(checkpoint=stage2_model["checkpoint"], data=bench.data(),
@@ -344,7 +328,7 @@ def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettin
               "model_run_id": stage2_model.get("mlflow_run_id"), "checkpoint": stage2_model["checkpoint"],
               "data_version": stage2_model["data_version"], "dvc_rev": stage2_model["dvc_rev"],
               "losses": stage2_model.get("answer_curve", [])}
-    write_text(partition_record_path(store, arm, seed), json.dumps(record, indent=1) + "\n")
+    write_text(cell_record_path(store, arm, seed), json.dumps(record, indent=1) + "\n")
     samples = rows[:3]
     return dg.Output(record, metadata={
         **{name: float(value) for name, value in metrics.items() if isinstance(value, (int, float))},
@@ -353,6 +337,54 @@ def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettin
             for r in samples)),
         "mlflow_run": dg.MetadataValue.url(tracking.run_url(run.run_id)),
     })
+
+
+def local_devices(compute: ComputeResource) -> int:
+    """Devices of this machine a training stage holds: none when a cluster places it (k8s assigns the pod's GPUs)."""
+    return 0 if compute.launcher == "k8s" else compute.num_processes
+
+
+def cell_assets(arm: str, seed: int, pool: str | None = None) -> list[dg.AssetsDefinition]:
+    """stage1_model -> stage2_model -> benchmark_scores of one arm x seed cell. The cells of a config are
+    independent steps of one run, so Dagster runs as many at once as the device pool `pool` allows."""
+    def define(asset: str, ins: dict[str, dg.AssetKey], description: str):
+        return dg.asset(key=cell_key(arm, seed, asset), ins={name: dg.AssetIn(key=key) for name, key in ins.items()},
+                        group_name=cell_name(arm), code_version="1", pool=pool, description=description,
+                        tags={"sftkey/arm": cell_name(arm), "sftkey/seed": str(seed)})
+
+    @define("stage1_model", {"tokenized_dataset": dg.AssetKey("tokenized_dataset")},
+            "The arm's first stage from the base model (SFT-Tag: SFT on the tagged response; Key-Tag: answer only).")
+    def stage1_model(context: dg.AssetExecutionContext, settings: PipelineSettings, tokenized_dataset: dict,
+                     store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
+        with step_devices(store.root, compute.device, local_devices(compute)):
+            return train_stage(context, arm, seed, settings, tokenized_dataset, 0, settings.config.training.model,
+                               store, compute, tracking, model_name=None)
+
+    @define("stage2_model", {"tokenized_dataset": dg.AssetKey("tokenized_dataset"),
+                             "stage1_model": cell_key(arm, seed, "stage1_model")},
+            "The arm's second stage from its stage-1 weights (SFTKey-Tag: loss on the answer span only); an arm "
+            "with one stage passes its stage-1 model through. The registry candidate's final model is logged to "
+            "MLflow here.")
+    def stage2_model(context: dg.AssetExecutionContext, settings: PipelineSettings, tokenized_dataset: dict,
+                     stage1_model: dict, store: ModelStore, compute: ComputeResource,
+                     tracking: MlflowResource) -> dg.Output[dict]:
+        if len(arm_of(settings.config.training, arm, seed).stages) < 2:
+            return passed_through(context, settings, stage1_model, store, tracking)
+        with step_devices(store.root, compute.device, local_devices(compute)):
+            output = train_stage(context, arm, seed, settings, tokenized_dataset, 1, stage1_model["checkpoint"],
+                                 store, compute, tracking, model_name=candidate_model_name(settings, arm, seed))
+        output.value["answer_curve"] = stage1_model["answer_losses"] + output.value["answer_losses"]  # both stages
+        return output
+
+    @define("benchmark_scores", {"stage2_model": cell_key(arm, seed, "stage2_model")},
+            "The arm's final model answers the held-out questions: our scorer (strict, lenient, format) and the "
+            "lm-eval tasks. Outputs are resumable: a crash mid-benchmark continues where it stopped.")
+    def benchmark_scores(context: dg.AssetExecutionContext, settings: PipelineSettings, stage2_model: dict,
+                         store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
+        with step_devices(store.root, compute.device, 1):  # generation runs here, on one device
+            return score_cell(context, arm, seed, settings, stage2_model, store, compute, tracking)
+
+    return [stage1_model, stage2_model, benchmark_scores]
 
 
 def checkpoint_weights_sha256(checkpoint: str | Path) -> str:
@@ -391,20 +423,24 @@ def plot_markdown(plots: list[Path], out: Path, run_id: str, tracking: MlflowRes
                          for p in plots)
 
 
-def partition_records(store: ModelStore, arms: list[str], seeds: list[int]) -> dict[tuple[str, int], dict]:
+def cell_records(store: ModelStore, arms: list[str], seeds: list[int]) -> dict[tuple[str, int], dict]:
     """benchmark_scores' record of every arm x seed of this pipeline run."""
     records = {}
     for arm in arms:
         for seed in seeds:
-            path = partition_record_path(store, arm, seed)
+            path = cell_record_path(store, arm, seed)
             if not path.exists():
                 raise FileNotFoundError(f"no benchmark_scores for arm {arm!r} seed {seed} in this pipeline run "
-                                        f"({path}): materialize benchmark_scores for partition {arm}|{seed} first")
+                                        f"({path}): materialize {cell_key(arm, seed, 'benchmark_scores').to_user_string()} first")
             records[(arm, seed)] = json.loads(path.read_text())
     return records
 
 
-@dg.asset(deps=[benchmark_scores], group_name=GROUP, code_version="1")
+def arm_comparison_asset(benchmark_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
+    """arm_comparison after every cell's benchmark_scores (it reads their records from this run's folder)."""
+    return dg.asset(name="arm_comparison", deps=benchmark_keys, group_name=GROUP, code_version="1")(arm_comparison)
+
+
 def arm_comparison(context: dg.AssetExecutionContext, settings: PipelineSettings, store: ModelStore,
                    tracking: MlflowResource) -> dg.Output[dict]:
     """Every arm x seed of this pipeline run: accuracy with intervals, seed-aware tests against the baseline arm
@@ -413,7 +449,7 @@ def arm_comparison(context: dg.AssetExecutionContext, settings: PipelineSettings
 
     config = settings.config
     arms, seeds, baseline = config.arms, config.seeds, config.baseline_arm
-    records = partition_records(store, arms, seeds)
+    records = cell_records(store, arms, seeds)
     correct = {arm: {seed: records[arm, seed]["outcomes"] for seed in seeds} for arm in arms}
     formats = {arm: {seed: records[arm, seed]["format_ok"] for seed in seeds} for arm in arms
                if all(records[arm, seed]["format_ok"] is not None for seed in seeds)}  # tagged arms only

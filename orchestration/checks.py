@@ -7,16 +7,11 @@ without Dagster; thresholds come from the pipeline YAML's `checks:` section. The
 """
 
 
-import warnings
-
 import dagster as dg
 
-from orchestration.assets import ARM_SEED, annotated_dataset, benchmark_scores, registered_model, stage2_model, tokenized_dataset
+from orchestration.assets import annotated_dataset, cell_key, registered_model, tokenized_dataset
 from orchestration.config import PipelineSettings
 from orchestration.tracking import MlflowResource
-
-# Checks partitioned like their asset (one evaluation per arm x seed) are "preview" in Dagster 1.13.
-warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
 
 
 # ---------------------------------------------------------------------------------- the rules
@@ -81,17 +76,15 @@ def check_tokenized_dataset_too_long(settings: PipelineSettings, tokenized_datas
     return dg.AssetCheckResult(passed=passed, metadata=metadata)
 
 
-@dg.asset_check(asset=stage2_model, partitions_def=ARM_SEED,
-                description="stage 2's answer loss ends below its start (by checks.min_answer_loss_drop); "
-                            "n/a for a one-stage arm")
+# The cells' checks: plain functions of the asset's value, bound to each cell's asset by cell_checks.
+
+
 def check_stage2_model_answer_loss(settings: PipelineSettings, stage2_model: dict) -> dg.AssetCheckResult:
     passed, metadata = loss_drop_rule(stage2_model["answer_losses"], settings.config.checks.min_answer_loss_drop)
     return dg.AssetCheckResult(passed=passed, metadata=metadata,
                                description=None if stage2_model["answer_losses"] else "n/a: no second stage")
 
 
-@dg.asset_check(asset=benchmark_scores, partitions_def=ARM_SEED,
-                description="format accuracy is at least checks.min_format_accuracy")
 def check_benchmark_scores_format_accuracy(settings: PipelineSettings, benchmark_scores: dict) -> dg.AssetCheckResult:
     accuracy = benchmark_scores["metrics"]["format_accuracy"]
     passed, metadata = minimum_rule("format_accuracy", accuracy, settings.config.checks.min_format_accuracy)
@@ -99,9 +92,6 @@ def check_benchmark_scores_format_accuracy(settings: PipelineSettings, benchmark
                                description="n/a: untagged (plain) arm" if accuracy is None else None)
 
 
-@dg.asset_check(asset=benchmark_scores, partitions_def=ARM_SEED,
-                description="at most checks.max_length_cap_share of the answers were cut by the new-token cap (a "
-                            "warning: their accuracy is a floor, the run is not broken)")
 def check_benchmark_scores_length_cap(settings: PipelineSettings, benchmark_scores: dict) -> dg.AssetCheckResult:
     passed, metadata = maximum_rule("length_cap_share", benchmark_scores["metrics"]["length_cap_share"],
                                     settings.config.checks.max_length_cap_share)
@@ -111,14 +101,49 @@ def check_benchmark_scores_length_cap(settings: PipelineSettings, benchmark_scor
         metadata={**metadata, "max_new_tokens": benchmark_scores.get("max_new_tokens") or -1})
 
 
-# The checks whose ERROR-severity failure bars promotion: partitioned ones count on the candidate's arm x seed.
-GATED_CHECKS = [check_annotated_dataset_coverage, check_tokenized_dataset_too_long, check_stage2_model_answer_loss,
-                check_benchmark_scores_format_accuracy, check_benchmark_scores_length_cap]
+CELL_CHECKS = {  # (asset, rule, description) by check name
+    "check_stage2_model_answer_loss": (
+        "stage2_model", check_stage2_model_answer_loss,
+        "stage 2's answer loss ends below its start (by checks.min_answer_loss_drop); n/a for a one-stage arm"),
+    "check_benchmark_scores_format_accuracy": (
+        "benchmark_scores", check_benchmark_scores_format_accuracy,
+        "format accuracy is at least checks.min_format_accuracy"),
+    "check_benchmark_scores_length_cap": (
+        "benchmark_scores", check_benchmark_scores_length_cap,
+        "at most checks.max_length_cap_share of the answers were cut by the new-token cap (a warning: their accuracy "
+        "is a floor, the run is not broken)"),
+}
 
 
-def failed_checks(instance: dg.DagsterInstance, run_tags: dict, partition: str) -> list[str]:
-    """The ERROR-severity checks that failed on the candidate: the latest evaluation of each gated check (within
-    this pipeline run's Dagster runs when it has any), unpartitioned or on `partition`. WARN failures pass."""
+def cell_checks(arm: str, seed: int) -> list[dg.AssetChecksDefinition]:
+    """The checks of one arm x seed cell's assets (each evaluates its cell's value with the rule above)."""
+    def bind(name: str, asset: str, rule, description: str) -> dg.AssetChecksDefinition:
+        decorate = dg.asset_check(asset=cell_key(arm, seed, asset), name=name, description=description)
+        if asset == "stage2_model":  # Dagster loads the asset's value into the parameter named like the asset
+            def on_stage2(settings: PipelineSettings, stage2_model: dict) -> dg.AssetCheckResult:
+                return rule(settings, stage2_model)
+            return decorate(on_stage2)
+
+        def on_benchmark(settings: PipelineSettings, benchmark_scores: dict) -> dg.AssetCheckResult:
+            return rule(settings, benchmark_scores)
+        return decorate(on_benchmark)
+
+    return [bind(name, asset, rule, description) for name, (asset, rule, description) in CELL_CHECKS.items()]
+
+
+DATA_CHECKS = [check_annotated_dataset_coverage, check_tokenized_dataset_too_long]
+
+
+def gated_check_keys(arm: str, seed: int) -> list[dg.AssetCheckKey]:
+    """The checks whose ERROR-severity failure bars the candidate arm x seed: the data checks and its cell's."""
+    return [key for check in DATA_CHECKS for key in check.check_keys] + [
+        dg.AssetCheckKey(cell_key(arm, seed, asset), name) for name, (asset, _, _) in CELL_CHECKS.items()]
+
+
+def failed_checks(instance: dg.DagsterInstance, run_tags: dict, keys: list[dg.AssetCheckKey]) -> list[str]:
+    """The ERROR-severity checks among `keys` that failed: the latest evaluation of each (within this pipeline
+    run's Dagster runs when it has any), named with the cell ("[arm|seed]") for a cell's check. WARN failures
+    pass."""
     from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as Status
 
     from orchestration.pipeline import PIPELINE_RUN_TAG  # on every Dagster run of one `sftkey pipeline` run
@@ -128,19 +153,23 @@ def failed_checks(instance: dg.DagsterInstance, run_tags: dict, partition: str) 
         runs = instance.get_runs(filters=dg.RunsFilter(tags={PIPELINE_RUN_TAG: run_tags[PIPELINE_RUN_TAG]}))
         run_ids = {run.run_id for run in runs}
     failed = []
-    for check in GATED_CHECKS:
-        for key in check.check_keys:
-            history = instance.event_log_storage.get_asset_check_execution_history(
-                key, limit=100, status={Status.SUCCEEDED, Status.FAILED})
-            for record in history:  # newest first
-                evaluation = record.event.asset_check_evaluation if record.event else None
-                if (evaluation is None or (run_ids is not None and record.run_id not in run_ids)
-                        or evaluation.partition not in (None, partition)):
-                    continue
-                if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
-                    failed.append(key.name + (f" [{partition}]" if evaluation.partition else ""))
-                break
+    for key in keys:
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            key, limit=100, status={Status.SUCCEEDED, Status.FAILED})
+        for record in history:  # newest first
+            evaluation = record.event.asset_check_evaluation if record.event else None
+            if evaluation is None or (run_ids is not None and record.run_id not in run_ids):
+                continue
+            if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
+                failed.append(key.name + (f" [{_cell_label(key.asset_key)}]" if len(key.asset_key.path) == 3 else ""))
+            break
     return failed
+
+
+def _cell_label(asset_key: dg.AssetKey) -> str:
+    """sft_tag/seed0/benchmark_scores -> sft_tag|0 (as the summary and the gate's reason name a cell)."""
+    arm, seed, _ = asset_key.path
+    return f"{arm}|{seed.removeprefix('seed')}"
 
 
 @dg.asset_check(asset=registered_model, blocking=True,
@@ -152,8 +181,8 @@ def check_registered_model_promotion_gate(context: dg.AssetCheckExecutionContext
     from orchestration.registry import evaluate_gate
 
     promotion = settings.config.promotion
-    partition = f"{registered_model['arm']}|{registered_model['seed']}"
-    failed = failed_checks(context.instance, dict(context.run.tags), partition)
+    keys = gated_check_keys(registered_model["arm"], int(registered_model["seed"]))
+    failed = failed_checks(context.instance, dict(context.run.tags), keys)
     decision = evaluate_gate(tracking.client(), registered_model["name"], registered_model["version"],
                              promotion.margin_points, promotion.alpha, promotion.min_accuracy, failed)
     return dg.AssetCheckResult(passed=decision.promote, description=decision.reason, metadata={
@@ -167,4 +196,7 @@ def check_registered_model_promotion_gate(context: dg.AssetCheckExecutionContext
     })
 
 
-ALL_CHECKS = [*GATED_CHECKS, check_registered_model_promotion_gate]
+def pipeline_checks(arms: list[str], seeds: list[int]) -> list[dg.AssetChecksDefinition]:
+    """Every check of a config's graph: the data checks, each cell's, and the promotion gate."""
+    cells = [check for arm in arms for seed in seeds for check in cell_checks(arm, seed)]
+    return [*DATA_CHECKS, *cells, check_registered_model_promotion_gate]

@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import json
 import math
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ import dagster as dg
 import yaml
 
 from orchestration.registry import DEFAULT_MIN_ACCURACY
-from sftkey.config_file import ConfigError, ConfigSource, build_dataclass, read_yaml
+from orchestration.tracking import redact
+from sftkey.config_file import ConfigError, ConfigSource, build_dataclass, read_config
 from sftkey.data import DataConfig, DataError, can_share_records, held_out_config
 from sftkey.data.overlap import describe
 from sftkey.evaluate import LENGTH_CAP_WARNING_SHARE
@@ -89,6 +92,30 @@ class TrackingSection:
     experiment: str = field(default="sftkey", metadata={"help": "MLflow experiment"})
     fallback_tracking_uri: str | None = field(default=None, metadata={"help": "used when tracking_uri does not answer"})
     ui_url: str = field(default="http://127.0.0.1:5000", metadata={"help": "MLflow UI address, for links"})
+    server_backend_store_uri: str | None = field(default=None, metadata={
+        "help": "the database of the `mlflow server` that `sftkey ui` starts for an http tracking_uri on this host, "
+                "e.g. postgresql://sftkey@127.0.0.1:5432/mlflow (no password: see password_env); None: no server "
+                "is started for an http tracking_uri (it runs elsewhere)"})
+    server_artifacts_destination: str | None = field(default=None, metadata={
+        "help": "where that server keeps artifacts, served through it (mlflow-artifacts:/ URIs); "
+                "default work_dir/mlflow/artifacts"})
+    password_env: str | None = field(default=None, metadata={
+        "help": "environment variable holding the server database's password (never written to a file or a log)"})
+
+
+@dataclass
+class DagsterSection:
+    """`dagster:`: the Dagster instance's storage (runs, event log, schedules) and its run queue."""
+
+    storage: str = field(default="sqlite", metadata={"help": "sqlite (files under DAGSTER_HOME) or postgres"})
+    postgres_url: str | None = field(default=None, metadata={
+        "help": "postgres storage: postgresql://user@host:port/database, without a password (see password_env)"})
+    password_env: str | None = field(default=None, metadata={
+        "help": "environment variable holding the database password; None: libpq's own (PGPASSWORD, ~/.pgpass)"})
+    max_concurrent_runs: int = field(default=1, metadata={
+        "help": "runs the queue starts at once (runs launched from the UI wait their turn); -1: no limit"})
+    pool_default_limit: int = field(default=1, metadata={
+        "help": "steps at once in a concurrency pool that has no limit of its own"})
 
 
 @dataclass
@@ -100,11 +127,49 @@ class DvcSection:
 
 
 @dataclass
+class K8sSection:
+    """`compute.k8s:`: the pod that runs one training stage (launcher: k8s)."""
+
+    image: str | None = field(default=None, metadata={"help": "image built from the repo's Dockerfile (required)"})
+    namespace: str | None = field(default=None, metadata={
+        "help": "None: the current namespace inside a cluster, else `default`"})
+    gpus_per_pod: int = field(default=1, metadata={"help": "nvidia.com/gpu limit of the pod (0: a CPU pod)"})
+    cpu: str | None = field(default=None, metadata={"help": "CPU request, e.g. '8'"})
+    memory: str | None = field(default=None, metadata={"help": "memory request, e.g. 64Gi"})
+    volume_claim: str | None = field(default=None, metadata={
+        "help": "PersistentVolumeClaim (ReadWriteMany) holding work_dir, mounted at mount_path (required)"})
+    mount_path: str | None = field(default=None, metadata={
+        "help": "where the claim is mounted, in the pod and here alike: work_dir must lie under it (required)"})
+    service_account: str | None = field(default=None, metadata={"help": "the pod's service account"})
+    env: dict[str, str] = field(default_factory=dict, metadata={"help": "extra environment of the pod"})
+    image_pull_policy: str = field(default="IfNotPresent", metadata={"help": "Always, IfNotPresent or Never"})
+
+
+@dataclass
 class ComputeSection:
     """`compute:`: where training runs."""
 
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda"})
     num_processes: int = field(default=1, metadata={"help": "> 1: stages run under `accelerate launch` via Dagster Pipes"})
+    concurrency: int | None = field(default=None, metadata={
+        "help": "arm x seed cells that train and benchmark at once: the limit of the device kind's Dagster pool "
+                "(None: one per group of num_processes GPUs on cuda, 1 on cpu); > 1 runs each step in its own process"})
+    launcher: str = field(default="accelerate", metadata={
+        "help": "how a launched stage starts: accelerate (`accelerate launch`), torchrun, or k8s (a pod per stage "
+                "through dagster-k8s's Pipes client; see compute.k8s)"})
+    num_machines: int = field(default=1, metadata={
+        "help": "machines that train one stage together; the Dagster run launches rank machine_rank here and logs "
+                "the command each other machine runs (same config, its own machine_rank)"})
+    machine_rank: int = field(default=0, metadata={
+        "help": "this machine's rank in [0, num_machines); a pipeline runs on machine 0 (its rank-0 process "
+                "reports the checkpoint through Pipes) and logs the command each other machine runs"})
+    main_process_ip: str | None = field(default=None, metadata={
+        "help": "address of machine 0 that every machine reaches (required when num_machines > 1; default 127.0.0.1)"})
+    main_process_port: int | None = field(default=None, metadata={
+        "help": "rendezvous port on machine 0 (None: a free port on one machine, 29500 across machines)"})
+    rdzv_backend: str = field(default="static", metadata={
+        "help": "static (fixed ranks, master address/port) or c10d (torch's elastic rendezvous at the same address)"})
+    k8s: K8sSection = field(default_factory=K8sSection, metadata={"help": "launcher: k8s settings"})
 
 
 @dataclass
@@ -118,6 +183,7 @@ class PipelineSections:
     promotion: PromotionSection = field(default_factory=PromotionSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     dvc: DvcSection = field(default_factory=DvcSection)
+    dagster: DagsterSection = field(default_factory=DagsterSection)
     compute: ComputeSection = field(default_factory=ComputeSection)
 
 
@@ -170,12 +236,15 @@ class PipelineConfig:
         return DataConfig(**{f.name: getattr(data, f.name) for f in dataclasses.fields(DataConfig)})
 
 
-def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read and check a pipeline YAML; `overrides` replace top-level sections (tests, `--work-dir`)."""
+def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                         sets: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read and check a pipeline YAML; `sets` are `--set KEY=VALUE` overrides (compute.concurrency=2,
+    training.data.limit=16); `overrides` replace top-level sections (tests, `--work-dir`)."""
     path = Path(path)
-    raw, root = read_yaml(path, "pipeline config (see configs/pipeline_demo.yaml for the format)")
+    raw, source = read_config(path, list(sets), "pipeline config (see configs/pipeline_demo.yaml for the format)")
     raw.update(overrides or {})
-    return pipeline_config_from_dict(raw, ConfigSource(path, root, set(overrides or {})), path)
+    source = ConfigSource(path, source.root, source.overridden | set(overrides or {}))
+    return pipeline_config_from_dict(raw, source, path)
 
 
 def pipeline_config_from_dict(raw: dict, source: ConfigSource | None = None, path: Path | None = None) -> PipelineConfig:
@@ -220,8 +289,9 @@ def _validate(config: PipelineConfig, source: ConfigSource) -> None:
             raise fail(("promotion", key), f"{arm!r} is not an arm of training.arms ({', '.join(config.arms)})")
     _validate_promotion(promotion, fail)
     _validate_checks(config.sections.checks, fail)
-    if config.sections.compute.num_processes < 1:
-        raise fail(("compute", "num_processes"), f"must be >= 1, got {config.sections.compute.num_processes}")
+    _validate_dagster(config.sections.dagster, fail)
+    _validate_tracking(config.sections.tracking, fail)
+    _validate_compute(config.sections.compute, config.work_dir, fail)
     config.sections.benchmark = _held_out_benchmark(config, fail)
     bench = config.sections.benchmark.data()
     if can_share_records(config.training.data, bench):
@@ -249,6 +319,109 @@ def _validate_checks(checks: ChecksSection, fail) -> None:
             raise fail(("checks", f.name), f"must be a share in [0, 1] ({f.metadata['help']}), got {value}")
 
 
+DATABASE_SCHEMES = ("postgresql", "postgres", "mysql", "mssql", "sqlite")  # MLflow's SQLAlchemy stores
+LOCAL_HOSTS = ("127.0.0.1", "localhost")  # where `sftkey ui` serves
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _validate_dagster(dagster: DagsterSection, fail) -> None:
+    if dagster.storage not in ("sqlite", "postgres"):
+        raise fail(("dagster", "storage"), f"{dagster.storage!r}: use sqlite or postgres")
+    if dagster.storage == "postgres":
+        if not dagster.postgres_url:
+            raise fail(("dagster", "postgres_url"), "storage: postgres needs the database, e.g. "
+                       "postgres_url: postgresql://sftkey@127.0.0.1:5432/dagster")
+        _check_database_url(dagster.postgres_url, ("dagster", "postgres_url"), fail, schemes=("postgresql", "postgres"))
+    _check_env_name(dagster.password_env, ("dagster", "password_env"), fail)
+    if dagster.max_concurrent_runs < -1:
+        raise fail(("dagster", "max_concurrent_runs"), f"must be >= 0, or -1 for no limit, got {dagster.max_concurrent_runs}")
+    if dagster.pool_default_limit < 0:
+        raise fail(("dagster", "pool_default_limit"), f"must be >= 0, got {dagster.pool_default_limit}")
+
+
+def _validate_tracking(tracking: TrackingSection, fail) -> None:
+    uri = tracking.tracking_uri or ""
+    if urllib.parse.urlsplit(uri).scheme.split("+")[0] in DATABASE_SCHEMES[:-1]:
+        raise fail(("tracking", "tracking_uri"), f"{redact(uri)}: a database without a server keeps no artifact "
+                   "store of its own; serve it: tracking_uri: http://127.0.0.1:5000 and "
+                   "server_backend_store_uri: <this database> (`sftkey ui` starts the server)")
+    if tracking.server_backend_store_uri:
+        _check_database_url(tracking.server_backend_store_uri, ("tracking", "server_backend_store_uri"), fail,
+                            schemes=DATABASE_SCHEMES)
+        if urllib.parse.urlsplit(uri).scheme != "http" or urllib.parse.urlsplit(uri).hostname not in LOCAL_HOSTS:
+            raise fail(("tracking", "server_backend_store_uri"), "`sftkey ui` serves this database on 127.0.0.1 "
+                       "at the port of tracking.tracking_uri: set tracking_uri: http://127.0.0.1:5000 (or another "
+                       "port), or drop this key when the server runs elsewhere")
+    _check_env_name(tracking.password_env, ("tracking", "password_env"), fail)
+
+
+def _check_database_url(url: str, keys: tuple, fail, schemes: tuple) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.split("+")[0] not in schemes:
+        raise fail(keys, f"{redact(url)}: not a {' or '.join(s + '://' for s in schemes)} URL")
+    if parts.password is not None:
+        raise fail(keys, f"{redact(url)} holds a password, which would end up in files and process lists: "
+                   f"remove it and name the environment variable that holds it in {keys[0]}.password_env")
+
+
+def _check_env_name(name: str | None, keys: tuple, fail) -> None:
+    if name is not None and not ENV_NAME.fullmatch(name):
+        raise fail(keys, f"{name!r} is not an environment variable name (the variable's name, not the password)")
+
+
+LAUNCHERS = ("accelerate", "torchrun", "k8s")
+RDZV_BACKENDS = ("static", "c10d")
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
+def _validate_compute(compute: ComputeSection, work_dir: Path, fail) -> None:
+    if compute.num_processes < 1:
+        raise fail(("compute", "num_processes"), f"must be >= 1, got {compute.num_processes}")
+    if compute.launcher not in LAUNCHERS:
+        raise fail(("compute", "launcher"), f"{compute.launcher!r}: use {', '.join(LAUNCHERS)}")
+    if compute.rdzv_backend not in RDZV_BACKENDS:
+        raise fail(("compute", "rdzv_backend"), f"{compute.rdzv_backend!r}: use {' or '.join(RDZV_BACKENDS)}")
+    if compute.num_machines < 1:
+        raise fail(("compute", "num_machines"), f"must be >= 1, got {compute.num_machines}")
+    if not 0 <= compute.machine_rank < compute.num_machines:
+        raise fail(("compute", "machine_rank"), f"{compute.machine_rank} is not in [0, num_machines = "
+                   f"{compute.num_machines}); give each machine its own rank, 0 on the main one")
+    if compute.machine_rank != 0:
+        raise fail(("compute", "machine_rank"), f"{compute.machine_rank}: the pipeline runs on machine 0, whose rank-0 "
+                   "process reports each stage's checkpoint through Dagster Pipes; run it there (machine_rank: 0) "
+                   "and, on the other machines, the command it logs for their rank")
+    if compute.num_machines > 1 and not compute.main_process_ip:
+        raise fail(("compute", "main_process_ip"), f"num_machines: {compute.num_machines} needs the address of machine "
+                   "0 that every machine reaches, e.g. main_process_ip: 10.0.0.1")
+    if compute.main_process_port is not None and not 0 < compute.main_process_port < 65536:
+        raise fail(("compute", "main_process_port"), f"must be a TCP port in [1, 65535], got {compute.main_process_port}")
+    if compute.launcher == "k8s":
+        _validate_k8s(compute, work_dir, fail)
+
+
+def _validate_k8s(compute: ComputeSection, work_dir: Path, fail) -> None:
+    k8s = compute.k8s
+    if compute.num_machines > 1:
+        raise fail(("compute", "num_machines"), "launcher: k8s runs a stage in one pod (up to gpus_per_pod "
+                   "processes); for several machines use launcher: accelerate or torchrun on each machine")
+    for key, example in (("image", "registry.example.com/sftkey:0.1.0 (docker build -t ... .)"),
+                         ("volume_claim", "sftkey-work (a ReadWriteMany claim holding work_dir)"),
+                         ("mount_path", f"{work_dir.parent} (a folder above work_dir)")):
+        if not getattr(k8s, key):
+            raise fail(("compute", "k8s", key), f"launcher: k8s needs it, e.g. {key}: {example}")
+    mount = Path(k8s.mount_path)
+    if not mount.is_absolute() or not work_dir.is_relative_to(mount):
+        raise fail(("compute", "k8s", "mount_path"), f"{k8s.mount_path!r}: work_dir ({work_dir}) must lie under it, "
+                   "at the same absolute path in the pod and here, so the pod reads and writes the same store")
+    if k8s.gpus_per_pod < 0:
+        raise fail(("compute", "k8s", "gpus_per_pod"), f"must be >= 0, got {k8s.gpus_per_pod}")
+    if k8s.gpus_per_pod and compute.num_processes > k8s.gpus_per_pod:
+        raise fail(("compute", "num_processes"), f"{compute.num_processes} processes on a pod of {k8s.gpus_per_pod} "
+                   "GPUs: raise compute.k8s.gpus_per_pod or lower num_processes (one process per GPU)")
+    if k8s.image_pull_policy not in PULL_POLICIES:
+        raise fail(("compute", "k8s", "image_pull_policy"), f"{k8s.image_pull_policy!r}: use {', '.join(PULL_POLICIES)}")
+
+
 def _held_out_benchmark(config: PipelineConfig, fail) -> BenchmarkSection:
     """The `benchmark:` section with its counts checked and, when it is carved from the same single-split data set
     as the training data, the training data's carve (seed, test fraction): the held-out half, never questions the
@@ -272,12 +445,20 @@ class PipelineSettings(dg.ConfigurableResource):
     """The pipeline config that every asset and check reads (`settings.config.training`, `.benchmark`, `.checks`,
     `.promotion`): the loaded YAML mapping, parsed and checked once per process."""
 
-    raw: dict[str, Any]  # the pipeline YAML as a mapping (editable in the Dagster launchpad)
+    raw_json: str  # the pipeline YAML as JSON (a string: Dagster's config schema refuses the YAML's nulls in a map)
     path: str = ""  # the file it came from, for messages
+
+    @classmethod
+    def of(cls, raw: dict[str, Any], path: str = "") -> "PipelineSettings":
+        return cls(raw_json=json.dumps(raw, sort_keys=True), path=path)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        return json.loads(self.raw_json)
 
     @property
     def config(self) -> PipelineConfig:
-        return _parsed(json.dumps(self.raw, sort_keys=True), self.path)
+        return _parsed(self.raw_json, self.path)
 
 
 @functools.lru_cache(maxsize=8)
@@ -300,7 +481,7 @@ def resources(config: PipelineConfig, pipeline_run: str | None = None, parent_ru
     work, sections = config.work_dir, config.sections
     run_dir = work / "runs" / (pipeline_run or UI_RUN_DIR)
     return {
-        "settings": PipelineSettings(raw=config.raw, path=str(config.path or "")),
+        "settings": PipelineSettings.of(config.raw, str(config.path or "")),
         "io_manager": dg.FilesystemIOManager(base_dir=str(run_dir / "io")),
         "store": ModelStore(root=str(work / "store"), run_dir=str(run_dir)),
         "tracking": MlflowResource(tracking_uri=tracking_uri or default_tracking_uri(config), experiment=sections.tracking.experiment,
@@ -308,5 +489,5 @@ def resources(config: PipelineConfig, pipeline_run: str | None = None, parent_ru
                                    ui_url=sections.tracking.ui_url, parent_run_id=parent_run_id),
         "dvc": DvcResource(repo=str(Path(sections.dvc.repo or work / "dvc" / "repo").resolve()),
                            remote=sections.dvc.remote or str(work / "dvc" / "remote")),
-        "compute": ComputeResource(device=sections.compute.device, num_processes=sections.compute.num_processes),
+        "compute": ComputeResource.from_section(sections.compute),
     }

@@ -1,12 +1,16 @@
-"""The Dagster definitions that `sftkey ui` (dagster dev) loads: assets, checks, resources and jobs.
+"""The Dagster definitions: the asset graph of a config, its checks, resources and jobs.
 
-Resources come from the pipeline YAML named by $SFTKEY_PIPELINE_CONFIG (default configs/pipeline_demo.yaml); the
-`settings` resource carries every section, so a run launched from the UI needs no run config and does what
-`sftkey pipeline` does with that file.
+The graph depends on the config: every arm x seed is a cell of three assets (sft_tag/seed0/stage1_model ->
+stage2_model -> benchmark_scores) between the shared data assets and the report. `sftkey pipeline` launches ONE run of
+the job `sftkey_pipeline`; its cells are independent steps, run as many at once as the device pool allows
+(orchestration/devices.py). `sftkey ui` (dagster dev) loads `defs` for the YAML named by $SFTKEY_PIPELINE_CONFIG
+(default configs/pipeline_demo.yaml); the `settings` resource carries every section, so a run launched from the UI
+needs no run config and does what `sftkey pipeline` does with that file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,42 +18,73 @@ import dagster as dg
 
 from orchestration.assets import (
     annotated_dataset,
-    arm_comparison,
-    benchmark_scores,
+    arm_comparison_asset,
+    cell_assets,
+    cell_key,
     champion_model,
     raw_dataset,
     registered_model,
-    stage1_model,
-    stage2_model,
     tokenized_dataset,
 )
-from orchestration.checks import ALL_CHECKS
+from orchestration.checks import pipeline_checks
+from orchestration.devices import device_kind, pool_name
+from orchestration.telemetry import progress_console
 
 CONFIG_ENV = "SFTKEY_PIPELINE_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.yaml"
+PIPELINE_JOB = "sftkey_pipeline"
 
 DATA_ASSETS = [raw_dataset, annotated_dataset, tokenized_dataset]
-PARTITIONED_ASSETS = [stage1_model, stage2_model, benchmark_scores]  # one run per arm x seed
-REPORT_ASSETS = [arm_comparison, registered_model, champion_model]
-ALL_ASSETS = DATA_ASSETS + PARTITIONED_ASSETS + REPORT_ASSETS
 
 
-def build_definitions(config_path: str | Path) -> dg.Definitions:
-    """The graph, its jobs and the resources of the config file (its sections reach the assets through the
-    `settings` resource: a job needs no run config)."""
-    from orchestration.config import load_pipeline_config, resources
+def pipeline_graph(config) -> tuple[list, list]:
+    """(assets, checks) of a config: the data assets, one cell per arm x seed, the report."""
+    pool = pool_name(device_kind(config.sections.compute.device))
+    cells = [asset for arm in config.arms for seed in config.seeds for asset in cell_assets(arm, seed, pool)]
+    scores = [cell_key(arm, seed, "benchmark_scores") for arm in config.arms for seed in config.seeds]
+    report = [arm_comparison_asset(scores), registered_model, champion_model]
+    return DATA_ASSETS + cells + report, pipeline_checks(config.arms, config.seeds)
 
-    config = load_pipeline_config(config_path)
+
+def build_definitions(config, resources: dict | None = None) -> dg.Definitions:
+    """The graph, its jobs and resources (default: the config's own; `sftkey pipeline` passes its run's). The
+    executor is chosen per run: multiprocess (the default, what UI launches get; the pool bounds the cells) or
+    in-process (`sftkey pipeline` with one cell at a time: no process start per step)."""
+    from orchestration.config import resources as config_resources
+
+    assets, checks = pipeline_graph(config)
     jobs = [
-        dg.define_asset_job("prepare_data_job", selection=DATA_ASSETS),
-        dg.define_asset_job("train_and_benchmark_job", selection=PARTITIONED_ASSETS),
-        dg.define_asset_job("compare_and_register_job", selection=REPORT_ASSETS),
+        dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.all(include_sources=False),
+                            description="data -> every arm x seed cell (in parallel, bounded by the device pool) -> "
+                                        "comparison -> registry"),
+        dg.define_asset_job("prepare_data_job", selection=dg.AssetSelection.assets(*DATA_ASSETS)),
     ]
-    return dg.Definitions(assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=jobs, resources=resources(config),
-                          executor=dg.in_process_executor)
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs,
+                          resources=resources if resources is not None else config_resources(config),
+                          executor=dg.multi_or_in_process_executor,
+                          loggers={"console": progress_console})  # Dagster's events plus each stage's progress
+
+
+def run_spec(config, pipeline_run: str, parent_run_id: str, tracking_uri: str) -> str:
+    """What `pipeline_job` rebuilds one pipeline run's job from, in this process and in every step process."""
+    return json.dumps({"raw": config.raw, "path": str(config.path or ""), "pipeline_run": pipeline_run,
+                       "parent_run_id": parent_run_id, "tracking_uri": tracking_uri}, sort_keys=True)
+
+
+def pipeline_job(spec: str) -> dg.JobDefinition:
+    """The `sftkey_pipeline` job of one pipeline run (the target of dg.build_reconstructable_job: the spec is its
+    argument, so each pipeline run, even a second one in the same process, gets its own resources)."""
+    from orchestration.config import _parsed, resources
+
+    run = json.loads(spec)
+    config = _parsed(json.dumps(run["raw"], sort_keys=True), run["path"])
+    res = resources(config, run["pipeline_run"], run["parent_run_id"], tracking_uri=run["tracking_uri"])
+    return build_definitions(config, res).resolve_job_def(PIPELINE_JOB)
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
     """Loaded by `dagster dev -m orchestration.definitions`; importing this module reads no config."""
-    return build_definitions(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    from orchestration.config import load_pipeline_config
+
+    return build_definitions(load_pipeline_config(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG))

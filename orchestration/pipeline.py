@@ -1,6 +1,7 @@
-"""Run the whole asset graph in this process: data, then every arm x seed partition, then the comparison and
-the registry. One MLflow parent run holds the asset runs; this pipeline run's own outputs go to
-`<work_dir>/runs/<pipeline run>/`, so two pipeline runs at once never overwrite each other's.
+"""Run the whole asset graph as ONE Dagster run of the job `sftkey_pipeline`: data, every arm x seed cell (as many at
+once as `compute.concurrency` / the device pool allows), then the comparison and the registry. One MLflow parent run
+holds the asset runs; this pipeline run's own outputs go to `<work_dir>/runs/<pipeline run>/`, so two pipeline runs
+at once never overwrite each other's.
 
 Crashes: SIGINT/SIGTERM end this run's MLflow runs KILLED and its Dagster run failed before the process exits;
 runs left RUNNING by a process that is gone (kill -9) are reaped by the next pipeline run, found by the pid and
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from orchestration.config import PipelineConfig, resources
+from orchestration.definitions import PIPELINE_JOB
 from orchestration.tracking import MlflowTracker, process_alive, redact, redact_values
 from sftkey.errors import UserError
 
@@ -168,20 +170,12 @@ def dagster_instance(config: PipelineConfig):
     """The project's Dagster instance (DAGSTER_HOME, default `<work_dir>/dagster`): the UI shows these runs."""
     import dagster as dg
 
+    from orchestration.instance import write_instance_yaml
+
     home = Path(os.environ.get("DAGSTER_HOME") or config.work_dir / "dagster")
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():  # default storage (sqlite here); no telemetry, no sign-up dialog
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    write_instance_yaml(home, config)  # the `dagster:` section: storage, run queue; no telemetry, no sign-up dialog
     os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
-
-
-def add_partitions(instance, config: PipelineConfig) -> None:
-    """Register the config's arms and seeds as partitions (dynamic: each config brings its own)."""
-    for dimension, keys in (("arm", config.arms), ("seed", [str(s) for s in config.seeds])):
-        missing = [k for k in keys if not instance.has_dynamic_partition(dimension, k)]
-        if missing:
-            instance.add_dynamic_partitions(dimension, missing)
 
 
 def quiet_libraries() -> None:
@@ -287,12 +281,6 @@ def reap(tracking, instance, reaper: str, echo: Callable[[str], None]) -> None:
 
 def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance, log_level: str,
                   watch: SignalWatch, progress: _Progress) -> PipelineResult:
-    import dagster as dg
-
-    from orchestration.checks import ALL_CHECKS
-    from orchestration.assets import arm_comparison, registered_model
-    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS, PARTITIONED_ASSETS, REPORT_ASSETS
-
     started = time.monotonic()
     quiet_libraries()
     name = progress.name
@@ -303,43 +291,70 @@ def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance,
     log_pipeline_config(MlflowTracker(preflight.client(), parent), config)
     instance = progress.instance = instance or dagster_instance(config)
     reap(preflight, instance, name, echo)
-    add_partitions(instance, config)
     res = resources(config, name, parent, tracking_uri=preflight.resolve_uri())
-    loggers = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     result = PipelineResult(name, parent, res["store"].run_folder())
-    graph = ALL_ASSETS + ALL_CHECKS
 
-    def materialize(selection: list, label: str, partition_key=None, expect_gate: bool = False):
-        echo(f"[{time.monotonic() - started:6.1f} s] {label}")
-        progress.stage = label
-        outcome = dg.materialize(graph, selection=selection, partition_key=partition_key, instance=instance,
-                                 resources=res, run_config=loggers,
-                                 raise_on_error=False,
-                                 tags={PIPELINE_RUN_TAG: name, PID_TAG: str(os.getpid()),
-                                       HOST_TAG: socket.gethostname()})
-        watch.check()  # a signal during the run: Dagster ended the run, the pipeline stops here
-        result.failed_checks += _failed_checks(outcome)
-        if not outcome.success and not (expect_gate and _only_gate_failed(outcome)):
-            preflight.end_run(parent, "FAILED")
-            raise PipelineFailed(f"{label}: {_failure(outcome)}")
-        return outcome
-
-    materialize(DATA_ASSETS, "data: raw_dataset -> annotated_dataset -> tokenized_dataset")
-    for arm in config.arms:
-        for seed in config.seeds:
-            key = dg.MultiPartitionKey({"arm": arm, "seed": str(seed)})
-            materialize(PARTITIONED_ASSETS, f"{arm} seed {seed}: stage1_model -> stage2_model -> benchmark_scores",
-                        partition_key=key)
-    outcome = materialize(REPORT_ASSETS, "arm_comparison -> registered_model -> promotion gate -> champion_model",
-                          expect_gate=True)
-    result.comparison = outcome.output_for_node(arm_comparison.op.name)
-    result.registered = outcome.output_for_node(registered_model.op.name)
+    cells, limit = len(config.arms) * len(config.seeds), set_pool_limit(instance, config)
+    label = (f"one Dagster run of {PIPELINE_JOB}: data -> {cells} arm x seed cell(s), {limit} at once -> "
+             "comparison -> registry")
+    echo(f"[{time.monotonic() - started:6.1f} s] {label}")
+    progress.stage = label
+    outcome = execute(config, instance, name, parent, preflight.resolve_uri(), limit, log_level)
+    watch.check()  # a signal during the run: Dagster ended the run, the pipeline stops here
+    result.failed_checks += _failed_checks(outcome)
+    if not outcome.success and not _only_gate_failed(outcome):
+        preflight.end_run(parent, "FAILED")
+        raise PipelineFailed(_failure(outcome))
+    result.comparison = load_value(config, res, instance, "arm_comparison")
+    result.registered = load_value(config, res, instance, "registered_model")
     version = res["tracking"].client().get_model_version(result.registered["name"], result.registered["version"])
     result.decision = {k: v for k, v in version.tags.items() if k.startswith("promotion.")}
-    result.promoted, result.promotion_reason = _promotion(outcome)
+    result.promoted, result.promotion_reason = _promotion(outcome, config, res, instance)
     preflight.end_run(parent, "FINISHED")
     result.seconds = time.monotonic() - started
     return result
+
+
+def set_pool_limit(instance, config: PipelineConfig) -> int:
+    """The device pool's limit (cells at once) as the config asks; returns it. The limit is the instance's: a UI
+    launch afterwards runs under the same pool."""
+    from orchestration.devices import device_kind, pool_limit, pool_name
+
+    compute = config.sections.compute
+    kind = device_kind(compute.device)
+    limit = pool_limit(kind, compute.num_processes, compute.concurrency)
+    instance.event_log_storage.set_concurrency_slots(pool_name(kind), limit)
+    return limit
+
+
+def execute(config: PipelineConfig, instance, name: str, parent: str, tracking_uri: str, limit: int, log_level: str):
+    """One run of the `sftkey_pipeline` job: in this process when one cell runs at a time, else each step in its own
+    process (rebuilding the job from the run's spec) with the device pool bounding the cells."""
+    import dagster as dg
+
+    from orchestration.definitions import run_spec
+
+    in_process = limit == 1 and config.sections.compute.concurrency is None  # the default on one CPU: no spawns
+    # Step processes fork from a server that has imported the graph once: a spawned step re-imports torch,
+    # transformers, dagster and mlflow (seconds each on a small machine).
+    forkserver = {"forkserver": {"preload_modules": ["orchestration.definitions", "orchestration.telemetry"]}}
+    executor = {"in_process": {}} if in_process else {
+        "multiprocess": {"max_concurrent": max(2, limit), "start_method": forkserver}}
+    run_config = {"execution": {"config": executor}, "loggers": {"console": {"config": {"log_level": log_level}}}}
+    job = dg.build_reconstructable_job("orchestration.definitions", "pipeline_job",
+                                       reconstructable_args=(run_spec(config, name, parent, tracking_uri),))
+    with dg.execute_job(job, instance=instance, run_config=run_config, raise_on_error=False,
+                        tags={PIPELINE_RUN_TAG: name, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+                        ) as outcome:
+        return outcome
+
+
+def load_value(config: PipelineConfig, res: dict, instance, asset: str):
+    """An asset's stored value (this run's io manager), e.g. arm_comparison's table."""
+    from orchestration.definitions import build_definitions
+
+    with build_definitions(config, res).get_asset_value_loader(instance=instance) as loader:
+        return loader.load_asset_value(asset)
 
 
 def _gate() -> tuple[str, str]:
@@ -365,16 +380,14 @@ def _failed_checks(outcome) -> list[str]:
             if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR and e.check_name != _gate()[0]]
 
 
-def _promotion(outcome) -> tuple[bool, str]:
-    """(promoted, reason) after the report step: the gate's refusal, or what champion_model's compare-and-set did."""
+def _promotion(outcome, config: PipelineConfig, res: dict, instance) -> tuple[bool, str]:
+    """(promoted, reason) after the run: the gate's refusal, or what champion_model's compare-and-set did."""
     gate = next((e for e in outcome.get_asset_check_evaluations() if e.check_name == _gate()[0]), None)
     if gate is None:
         return False, "the promotion gate did not run"
     if not gate.passed:
         return False, gate.description or "refused by the promotion gate"
-    from orchestration.assets import champion_model
-
-    champion = outcome.output_for_node(champion_model.op.name)
+    champion = load_value(config, res, instance, "champion_model")
     return champion["promoted"], champion["reason"]
 
 

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help=f"pipeline YAML (default {DEFAULT_CONFIG}: SmolLM2-135M-Instruct as a dequantised Q4_1 GGUF, an SVAMP subset, SFT-Tag vs SFTKey-Tag)")
     parser.add_argument("--work-dir", default=None, help="override work_dir: Dagster home, MLflow store, DVC repo, outputs")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set compute.concurrency=2 --set training.data.limit=16")
     parser.add_argument("--verbose", action="store_true", help="show Dagster's per-step event log")
 
 
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestration.pipeline import PipelineInterrupted, run_pipeline, summary_lines
 
     # Bad configs, an unusable tracking store and a failed step are UserErrors: the CLI prints their one line.
-    config = load_pipeline_config(args.config, {"work_dir": args.work_dir} if args.work_dir else None)
+    config = load_pipeline_config(args.config, {"work_dir": args.work_dir} if args.work_dir else None, args.sets)
     print(f"sftkey pipeline: {args.config} -> {config.work_dir}", flush=True)
     try:
         result = run_pipeline(config, echo=lambda line: print(line, flush=True),

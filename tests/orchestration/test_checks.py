@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 
 from orchestration.checks import (
-    GATED_CHECKS,
+    gated_check_keys,
     check_benchmark_scores_format_accuracy,
     check_benchmark_scores_length_cap,
     check_stage2_model_answer_loss,
@@ -80,7 +80,7 @@ def test_length_cap_check_warns_above_its_threshold(settings):
 
 
 def test_format_check_refuses_below_the_minimum_and_skips_the_plain_arm(settings):
-    strict = PipelineSettings(raw={**settings.raw, "checks": {"min_format_accuracy": 0.6}})
+    strict = PipelineSettings.of({**settings.raw, "checks": {"min_format_accuracy": 0.6}})
     assert not check_benchmark_scores_format_accuracy(strict, scores(0.0, 0.5)).passed
     assert check_benchmark_scores_format_accuracy(strict, scores(0.0, 0.6)).passed
     plain = check_benchmark_scores_format_accuracy(strict, scores(0.0, None))
@@ -96,8 +96,10 @@ def test_stage2_and_tokenized_checks_fail_on_their_assets_values(settings):
     assert not dropped.passed and dropped.metadata["too_long_share"].value == 0.125
 
 
-def test_the_gate_reads_every_check_before_the_registry():
-    gated = {check.check_key.name for check in GATED_CHECKS}
-    assert gated == {"check_annotated_dataset_coverage", "check_tokenized_dataset_too_long",
-                          "check_stage2_model_answer_loss", "check_benchmark_scores_format_accuracy",
-                          "check_benchmark_scores_length_cap"}  # a WARN failure (the length cap) never bars
+def test_the_gate_reads_the_data_checks_and_the_candidate_cells_checks():
+    gated = [key.asset_key.to_user_string() + ":" + key.name for key in gated_check_keys("sftkey-tag.v2", 1)]
+    assert gated == ["annotated_dataset:check_annotated_dataset_coverage",
+                     "tokenized_dataset:check_tokenized_dataset_too_long",
+                     "sftkey_tag_v2/seed1/stage2_model:check_stage2_model_answer_loss",
+                     "sftkey_tag_v2/seed1/benchmark_scores:check_benchmark_scores_format_accuracy",
+                     "sftkey_tag_v2/seed1/benchmark_scores:check_benchmark_scores_length_cap"]  # WARN never bars

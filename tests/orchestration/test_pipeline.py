@@ -14,36 +14,49 @@ from orchestration.tracking import ASSET_TAG, PARENT_TAG
 from sftkey.models import weights_identity
 
 ARMS = ["sft_tag", "sftkey_tag"]
-PARTITIONS = {"sft_tag|0", "sftkey_tag|0"}
+CELLS = ["sft_tag|0", "sftkey_tag|0"]
 CHECKS = {
     ("annotated_dataset", "check_annotated_dataset_coverage"): None,
     ("tokenized_dataset", "check_tokenized_dataset_too_long"): None,
-    ("stage2_model", "check_stage2_model_answer_loss"): PARTITIONS,
-    ("benchmark_scores", "check_benchmark_scores_format_accuracy"): PARTITIONS,
+    ("stage2_model", "check_stage2_model_answer_loss"): CELLS,
+    ("benchmark_scores", "check_benchmark_scores_format_accuracy"): CELLS,
     ("registered_model", "check_registered_model_promotion_gate"): None,
 }
 
 
-def latest_metadata(instance, asset: str, partition: str | None = None) -> dict:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
-        limit=1).records
-    assert records, f"{asset} [{partition}] was never materialized"
+def asset_key(asset: str, cell: str | None = None) -> dg.AssetKey:
+    """The key of a data/report asset, or of a cell's ("sft_tag|0") stage1_model/stage2_model/benchmark_scores."""
+    from orchestration.assets import cell_key
+
+    if cell is None:
+        return dg.AssetKey(asset)
+    arm, seed = cell.split("|")
+    return cell_key(arm, int(seed), asset)
+
+
+def latest_metadata(instance, asset: str, cell: str | None = None) -> dict:
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset_key(asset, cell)), limit=1).records
+    assert records, f"{asset} [{cell}] was never materialized"
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
-def test_every_asset_and_check_materialized(smoke_run):
+def test_every_asset_and_check_materialized_in_one_run_of_the_named_job(smoke_run):
     instance = smoke_run.instance
     for asset in ["raw_dataset", "annotated_dataset", "tokenized_dataset", "arm_comparison", "registered_model",
                   "champion_model"]:
         latest_metadata(instance, asset)
     for asset in ["stage1_model", "stage2_model", "benchmark_scores"]:
-        assert instance.get_materialized_partitions(dg.AssetKey(asset)) == PARTITIONS
-    for (asset, check), partitions in CHECKS.items():
-        history = instance.event_log_storage.get_asset_check_execution_history(
-            dg.AssetCheckKey(dg.AssetKey(asset), check), limit=10)
-        assert len(history) == (len(partitions) if partitions else 1), check
-        assert {record.status.value for record in history} == {"SUCCEEDED"}, check
+        for cell in CELLS:
+            latest_metadata(instance, asset, cell)
+    for (asset, check), cells in CHECKS.items():
+        for cell in cells or [None]:
+            history = instance.event_log_storage.get_asset_check_execution_history(
+                dg.AssetCheckKey(asset_key(asset, cell), check), limit=10)
+            assert [record.status.value for record in history] == ["SUCCEEDED"], (check, cell)
+    from orchestration.pipeline import PIPELINE_RUN_TAG
+
+    runs = instance.get_runs(dg.RunsFilter(tags={PIPELINE_RUN_TAG: smoke_run.result.pipeline_run}))
+    assert [(run.job_name, run.status.value) for run in runs] == [("sftkey_pipeline", "SUCCESS")]
 
 
 def test_materialization_metadata_a_person_reads(smoke_run):
@@ -150,8 +163,8 @@ def test_rerun_reuses_every_checkpoint_and_keeps_its_own_outputs(smoke_run):
     first = smoke_run.result
     stamps = {p: p.stat().st_mtime_ns for p in Path(smoke_run.config.work_dir, "store", "models").rglob("sftkey.json")}
     second = run_pipeline(smoke_run.config, echo=lambda line: None, instance=smoke_run.instance)
-    for partition in PARTITIONS:
-        assert latest_metadata(smoke_run.instance, "stage1_model", partition)["status"] == "reused"
+    for cell in CELLS:
+        assert latest_metadata(smoke_run.instance, "stage1_model", cell)["status"] == "reused"
     assert latest_metadata(smoke_run.instance, "stage2_model", "sftkey_tag|0")["status"] == "reused"
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no checkpoint rewritten
     assert second.run_dir != first.run_dir
@@ -170,16 +183,15 @@ def test_a_crashed_stage_resumes_from_its_checkpoint(smoke_run, monkeypatch, cap
     import logging
 
     import sftkey.train.trainer as trainer
-    from orchestration.checks import ALL_CHECKS
-    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS
+    from orchestration.definitions import DATA_ASSETS, pipeline_graph
 
     raw = json.loads(json.dumps(smoke_run.raw))
     raw["training"]["arms"]["sft_tag"]["stages"][0]["steps"] = 30  # a new stage key: it must train
     config = pipeline_config_from_dict(raw)
     res = resources(config, "crash-test")
-    key = dg.MultiPartitionKey({"arm": "sft_tag", "seed": "0"})
-    graph = ALL_ASSETS + ALL_CHECKS
-    stage1 = [a for a in ALL_ASSETS if a.key.to_user_string() == "stage1_model"]
+    assets, checks = pipeline_graph(config)
+    graph = assets + checks
+    stage1 = [a for a in assets if a.key == asset_key("stage1_model", "sft_tag|0")]
     assert dg.materialize(graph, selection=DATA_ASSETS, instance=smoke_run.instance, resources=res).success
 
     original = trainer.StageRecipe.save
@@ -191,16 +203,15 @@ def test_a_crashed_stage_resumes_from_its_checkpoint(smoke_run, monkeypatch, cap
         return folder
 
     monkeypatch.setattr(trainer.StageRecipe, "save", crash_after_first_periodic_checkpoint)
-    crashed = dg.materialize(graph, selection=stage1, partition_key=key, instance=smoke_run.instance, resources=res,
+    crashed = dg.materialize(graph, selection=stage1, instance=smoke_run.instance, resources=res,
                              raise_on_error=False)
     assert not crashed.success
     monkeypatch.setattr(trainer.StageRecipe, "save", original)
     with caplog.at_level(logging.INFO, logger="sftkey.train"):
-        resumed = dg.materialize(graph, selection=stage1, partition_key=key, instance=smoke_run.instance,
-                                 resources=res)
+        resumed = dg.materialize(graph, selection=stage1, instance=smoke_run.instance, resources=res)
     assert resumed.success
     assert "stage stage1: resuming at step 20 from " in caplog.text
-    output = resumed.output_for_node("stage1_model")
+    output = resumed.output_for_node(stage1[0].op.name)
     meta = json.loads(Path(output["checkpoint"], "sftkey.json").read_text())
     assert (output["status"], meta["step"], meta["final"]) == ("trained", 30, True)
     assert [step for step, _ in output["losses"]] == list(range(1, 31))  # the log continues, no gap, no repeat
@@ -225,8 +236,7 @@ def test_the_data_assets_read_the_source_once(smoke_run, tmp_path, monkeypatch):
     """raw_dataset loads the records; annotated_dataset reads raw_dataset's DVC revision; tokenized_dataset tokenizes
     annotated_dataset's records: one read of the source per run, in a fresh work dir (nothing to reuse)."""
     import sftkey.data.sources as sources
-    from orchestration.checks import ALL_CHECKS
-    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS
+    from orchestration.definitions import DATA_ASSETS, pipeline_graph
 
     reads = []
     native_rows = sources.native_rows
@@ -238,8 +248,10 @@ def test_the_data_assets_read_the_source_once(smoke_run, tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "native_rows", counted)
     raw = json.loads(json.dumps(smoke_run.raw))
     raw["work_dir"] = str(tmp_path / "work")
-    res = resources(pipeline_config_from_dict(raw), "read-once")
-    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, selection=DATA_ASSETS, instance=smoke_run.instance, resources=res)
+    config = pipeline_config_from_dict(raw)
+    assets, checks = pipeline_graph(config)
+    result = dg.materialize(assets + checks, selection=DATA_ASSETS, instance=smoke_run.instance,
+                            resources=resources(config, "read-once"))
     assert reads == ["svamp"]
     tokenized = result.output_for_node("tokenized_dataset")
     annotated = result.output_for_node("annotated_dataset")

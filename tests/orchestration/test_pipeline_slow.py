@@ -43,21 +43,21 @@ def test_two_pipeline_runs_at_once_keep_their_own_outputs(smoke_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_stage_under_accelerate_launch_reports_through_pipes(smoke_run, tmp_path):
-    from orchestration.checks import ALL_CHECKS
+    from orchestration.assets import cell_key
     from orchestration.config import pipeline_config_from_dict, resources
-    from orchestration.definitions import ALL_ASSETS, DATA_ASSETS
+    from orchestration.definitions import DATA_ASSETS, pipeline_graph
 
     raw = json.loads(json.dumps(smoke_run.raw))
     raw["training"]["arms"]["sft_tag"]["stages"][0]["steps"] = 4  # a new stage key: it must train
     raw["compute"] = {"device": "cpu", "num_processes": 2}
     config = pipeline_config_from_dict(raw)
     res = resources(config, "pipes-test")
-    graph = ALL_ASSETS + ALL_CHECKS
-    stage1 = [a for a in ALL_ASSETS if a.key.to_user_string() == "stage1_model"]
+    assets, checks = pipeline_graph(config)
+    graph = assets + checks
+    stage1 = [a for a in assets if a.key == cell_key("sft_tag", 0, "stage1_model")]
     assert dg.materialize(graph, selection=DATA_ASSETS, instance=smoke_run.instance, resources=res).success
-    result = dg.materialize(graph, selection=stage1, partition_key=dg.MultiPartitionKey({"arm": "sft_tag", "seed": "0"}),
-                            instance=smoke_run.instance, resources=res)
-    output = result.output_for_node("stage1_model")
+    result = dg.materialize(graph, selection=stage1, instance=smoke_run.instance, resources=res)
+    output = result.output_for_node(stage1[0].op.name)
     meta = json.loads(Path(output["checkpoint"], "sftkey.json").read_text())
     assert (meta["world_size"], meta["step"], meta["final"]) == (2, 4, True)
     assert [step for step, _ in output["losses"]] == [1, 2, 3, 4]

@@ -340,32 +340,33 @@ def test_an_orphan_of_the_same_weights_is_reused_and_decided(client, tmp_path):
 # ---------------------------------------------------------------------------------- which checks bar promotion
 
 
-def test_failed_checks_reads_the_latest_error_evaluation_on_the_candidate_partition():
-    """On a real (ephemeral) Dagster instance: an ERROR failure on the candidate's partition or on unpartitioned
-    upstream data counts; a WARN failure, another arm's failure and a pass do not."""
+def test_failed_checks_reads_the_latest_error_evaluation_of_the_candidate_cell():
+    """On a real (ephemeral) Dagster instance: an ERROR failure on the candidate's cell or on the shared upstream
+    data counts; a WARN failure, another arm's failure, a pass and a failure later passed do not."""
     import dagster as dg
 
-    from orchestration.checks import failed_checks
+    from orchestration.assets import cell_key
+    from orchestration.checks import failed_checks, gated_check_keys
     from orchestration.pipeline import PIPELINE_RUN_TAG
 
     instance = dg.DagsterInstance.ephemeral()
 
-    def evaluation(asset, check, passed, partition=None, severity=dg.AssetCheckSeverity.ERROR):
+    def evaluation(key, check, passed, severity=dg.AssetCheckSeverity.ERROR):
         instance.report_runless_asset_event(dg.AssetCheckEvaluation(
-            asset_key=dg.AssetKey(asset), check_name=check, passed=passed, metadata={}, severity=severity,
-            partition=partition))
+            asset_key=key, check_name=check, passed=passed, metadata={}, severity=severity))
 
-    evaluation("benchmark_scores", "check_benchmark_scores_format_accuracy", False, "sftkey_tag|0")
-    evaluation("benchmark_scores", "check_benchmark_scores_format_accuracy", False, "sft_tag|0")
-    evaluation("benchmark_scores", "check_benchmark_scores_length_cap", False, "sftkey_tag|0",
+    evaluation(cell_key("sftkey_tag", 0, "benchmark_scores"), "check_benchmark_scores_format_accuracy", False)
+    evaluation(cell_key("sft_tag", 0, "benchmark_scores"), "check_benchmark_scores_format_accuracy", False)
+    evaluation(cell_key("sftkey_tag", 0, "benchmark_scores"), "check_benchmark_scores_length_cap", False,
                dg.AssetCheckSeverity.WARN)
-    evaluation("stage2_model", "check_stage2_model_answer_loss", True, "sftkey_tag|0")
-    evaluation("annotated_dataset", "check_annotated_dataset_coverage", False)
-    assert failed_checks(instance, {}, "sftkey_tag|0") == [
+    evaluation(cell_key("sftkey_tag", 0, "stage2_model"), "check_stage2_model_answer_loss", False)
+    evaluation(cell_key("sftkey_tag", 0, "stage2_model"), "check_stage2_model_answer_loss", True)  # the latest
+    evaluation(dg.AssetKey("annotated_dataset"), "check_annotated_dataset_coverage", False)
+    assert failed_checks(instance, {}, gated_check_keys("sftkey_tag", 0)) == [
         "check_annotated_dataset_coverage", "check_benchmark_scores_format_accuracy [sftkey_tag|0]"]
-    assert failed_checks(instance, {}, "other|0") == ["check_annotated_dataset_coverage"]
+    assert failed_checks(instance, {}, gated_check_keys("other", 0)) == ["check_annotated_dataset_coverage"]
     # Within a pipeline run only its own Dagster runs count: these evaluations belong to none.
-    assert failed_checks(instance, {PIPELINE_RUN_TAG: "smoke-1"}, "sftkey_tag|0") == []
+    assert failed_checks(instance, {PIPELINE_RUN_TAG: "smoke-1"}, gated_check_keys("sftkey_tag", 0)) == []
 
 
 # ---------------------------------------------------------------------------------- the real pipeline

@@ -204,19 +204,17 @@ def test_regress_passes_on_its_baseline_and_fails_on_a_degraded_model(smoke_run,
 
 
 def materialize(smoke_run, raw: dict, names: list[str]):
-    """Materialize `names` (for sft_tag|0 when partitioned) of the config `raw` in the smoke run's instance and
+    """Materialize `names` (the sft_tag|0 cell's for a cell asset) of the config `raw` in the smoke run's instance and
     work dir; one pipeline-run folder, so each call loads the inputs the previous one stored."""
     import dagster as dg
 
-    from orchestration.checks import ALL_CHECKS
     from orchestration.config import pipeline_config_from_dict, resources
-    from orchestration.definitions import ALL_ASSETS
+    from orchestration.definitions import pipeline_graph
 
     config = pipeline_config_from_dict(raw)
-    selection = [a for a in ALL_ASSETS if a.key.to_user_string() in names]
-    partitioned = "stage1_model" in names
-    partition = dg.MultiPartitionKey({"arm": "sft_tag", "seed": "0"}) if partitioned else None
-    result = dg.materialize(ALL_ASSETS + ALL_CHECKS, selection=selection, partition_key=partition,
+    assets, checks = pipeline_graph(config)
+    selection = [a for a in assets if a.key.path[-1] in names and a.key.path[0] in ("sft_tag", a.key.path[-1])]
+    result = dg.materialize(assets + checks, selection=selection,
                             instance=smoke_run.instance, resources=resources(config, "warm-test"))
     assert result.success
     return result
