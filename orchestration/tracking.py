@@ -35,7 +35,7 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under 
 DAGSTER_RUN_TAG = "dagster.run_id"
 PIPELINE_RUN_TAG = "sftkey.pipeline_run"  # set on the parent run: one per pipeline run
 ASSET_TAG = "dagster.asset"
-PARTITION_TAG = "dagster.partition"
+CELL_TAG = "sftkey.cell"  # arm|seed of a cell asset's run
 PID_TAG = "sftkey.pid"  # the process writing a run, and its host: a later pipeline reaps runs whose process is gone
 HOST_TAG = "sftkey.host"
 REAPED_TAG = "sftkey.reaped"
@@ -274,6 +274,17 @@ class MlflowTracker:
         for start in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
+    def log_timed_metric_rows(self, rows: list[tuple[int, int, dict[str, float]]]) -> None:
+        """(step, timestamp in ms, metrics) rows, each step at its own time: a step as it ends, or a training log
+        replayed at the times it recorded. Non-numeric and non-finite values are left out."""
+        from mlflow.entities import Metric
+
+        batch = [Metric(metric_name(k), float(v), stamp, step) for step, stamp, metrics in rows
+                 for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for start in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -309,8 +320,8 @@ class MlflowTracker:
                                                           [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     def log_model(self, checkpoint: str | os.PathLike, name: str, max_new_tokens: int | None = None) -> str:
-        """Log a checkpoint as a chat pyfunc model called `name` (e.g. "sft_tag-seed0"): bf16 weights, config
-        and tokenizer only (no optimizer, scheduler or RNG state). `max_new_tokens`: the served generation cap
+        """Log a checkpoint as a chat pyfunc model called `name` (e.g. "sft_tag-seed0"): weights in the training
+        dtype, config and tokenizer only (no optimizer, scheduler or RNG state). `max_new_tokens`: the served generation cap
         (default chat_model.DEFAULT_MAX_NEW_TOKENS). Returns its `models:/<model id>` uri."""
         import mlflow
 
@@ -330,13 +341,13 @@ class MlflowTracker:
 
 
 def export_weights(checkpoint: Path, out: Path) -> Path:
-    """A checkpoint as a serving folder: bf16 safetensors (the training dtype of the users' GPUs), config,
-    generation config and tokenizer with its chat template; the trainer's resume state is left behind."""
-    import torch
-
+    """A checkpoint as a serving folder: safetensors in the dtype it trained in (bf16 for bf16 autocast, fp32
+    for fp32; as stored where its sftkey.json does not say), config, generation config and tokenizer with its
+    chat template; the trainer's resume state is left behind."""
     from sftkey.models import load_model, load_tokenizer
+    from sftkey.train.checkpoint import read_meta, serving_dtype
 
-    model = load_model(checkpoint, dtype=torch.bfloat16)
+    model = load_model(checkpoint, dtype=serving_dtype(read_meta(checkpoint) or {}))
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(checkpoint).save_pretrained(out)
     return out
@@ -445,17 +456,18 @@ class MlflowResource(dg.ConfigurableResource):
         return self.start_pipeline_run(dagster_run_id, {DAGSTER_RUN_TAG: dagster_run_id})
 
     @contextlib.contextmanager
-    def asset_run(self, context: dg.AssetExecutionContext, tags: dict[str, str] | None = None) -> Iterator[MlflowTracker]:
-        """One MLflow run for this materialization, FINISHED on success and FAILED when the asset raises."""
+    def asset_run(self, context: dg.AssetExecutionContext, tags: dict[str, str] | None = None,
+                  cell: str | None = None) -> Iterator[MlflowTracker]:
+        """One MLflow run for this materialization, FINISHED on success and FAILED when the asset raises. A cell's
+        asset (sft_tag/seed0/stage1_model) is named by its asset and `cell` ("sft_tag|0")."""
         client = self.client()
-        asset = context.asset_key.to_user_string()
-        partition = context.partition_key if context.has_partition_key else None
+        asset = context.asset_key.path[-1]
         dagster_run = context.run.run_id
         run_tags = {**context_tags(), PARENT_TAG: self.parent_for(dagster_run), DAGSTER_RUN_TAG: dagster_run,
                     ASSET_TAG: asset,
                     **owner_tags(),
-                    **({PARTITION_TAG: str(partition)} if partition else {}), **(tags or {})}
-        run_name = f"{asset}[{partition}]" if partition else asset
+                    **({CELL_TAG: cell} if cell else {}), **(tags or {})}
+        run_name = f"{asset}[{cell}]" if cell else asset
         run = client.create_run(self.experiment_id(), run_name=run_name, tags=run_tags)
         tracker = MlflowTracker(client, run.info.run_id)
         try:

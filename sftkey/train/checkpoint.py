@@ -1,10 +1,10 @@
 """Checkpoint folders: written under a temp name and renamed, so a crash never leaves half of one.
 
 Every checkpoint is a model folder (`AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load it directly:
-safetensors, config, tokenizer) plus `sftkey.json` (what made it: arm, seed, stage, step, data version,
-config) written last, and the trainer state a resume needs: `optimizer.pt` and `scheduler.pt` (periodic
-checkpoints only: a stage-final one starts the next stage with a fresh optimizer), `rng_state_<rank>.pt`,
-and with LoRA the adapter in `adapter/` (the folder itself holds the merged model).
+fp32 safetensors, config, tokenizer) plus `sftkey.json` (what made it: arm, seed, stage, step, data version,
+config, the precision it trained in) written last, and the trainer state a resume needs: `optimizer.pt` and
+`scheduler.pt` (periodic checkpoints only: a stage-final one starts the next stage with a fresh optimizer),
+`rng_state_<rank>.pt`, and with LoRA the adapter in `adapter/` (the folder itself holds the merged model).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 ADAPTER_DIR = "adapter"
 FINAL_SUFFIX = "-final"
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # train.precision as resolved -> torch dtype name
 
 
 def periodic_name(global_step: int) -> str:
@@ -93,6 +94,22 @@ def prune_periodic(checkpoints: Path, keep_last: int) -> list[Path]:
     for folder in removed:
         shutil.rmtree(folder)
     return removed
+
+
+def prune_finished_stages(checkpoints: Path, stage_index: int) -> list[Path]:
+    """Delete the periodic checkpoints of stage `stage_index` and earlier ones (`train.keep_final_only`): called once
+    the stage's final checkpoint is committed, so a crash before that still finds them to resume from."""
+    periodic = [folder for folder, meta in complete_checkpoints(checkpoints)
+                if not meta["final"] and meta["stage_index"] <= stage_index]
+    for folder in periodic:
+        shutil.rmtree(folder)
+    return periodic
+
+
+def serving_dtype(meta: dict) -> str:
+    """The torch dtype name a checkpoint is served in: the dtype it was trained in (`precision` in sftkey.json:
+    fp32, or bf16 autocast over fp32 master weights); "auto" (as stored) where the checkpoint does not say."""
+    return PRECISION_DTYPES.get(meta.get("precision"), "auto")
 
 
 def load_problem(folder: Path, meta: dict) -> str | None:

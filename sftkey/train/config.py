@@ -29,7 +29,7 @@ STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder nam
 MAX_EPOCHS = 1000
 MAX_STEPS = 10_000_000
 # Keys that change what is written or how often, never the weights: a resume may change them.
-BOOKKEEPING_KEYS = ("save_every", "keep_last", "log_every")
+BOOKKEEPING_KEYS = ("save_every", "keep_last", "keep_final_only", "log_every")
 # `train:` keys that are only defaults of a stage's own keys (see resolve_stage)
 STAGE_DEFAULT_KEYS = ("lr", "schedule", "warmup_epochs", "warmup_steps")
 
@@ -68,6 +68,9 @@ class TrainSettings:
     log_every: int = field(default=1, metadata={"help": "losses of zero-weight roles (an extra no-grad output-layer pass) every N steps; weighted roles are logged every step"})
     save_every: int = field(default=0, metadata={"help": "periodic checkpoint every N optimizer steps (0: only at the end of each stage)"})
     keep_last: int = field(default=1, metadata={"help": "periodic checkpoints kept (stage-final ones are always kept)"})
+    keep_final_only: bool = field(default=False, metadata={"help": "delete a stage's periodic checkpoints once its final "
+                                                                   "one is written: they serve a resume while the stage "
+                                                                   "runs, the final one feeds the next stage and reuse"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU, fp32 on CPU), fp32 or bf16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     fsdp: bool = field(default=False, metadata={"help": "shard the model with FSDP (accelerate) when it does not fit one GPU"})

@@ -394,6 +394,11 @@ def make_accelerator(config: TrainConfig):
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if precision == "bf16" else "no", **kwargs)
 
 
+def training_precision(accelerator) -> str:
+    """train.precision as resolved for this run: "bf16" (autocast) or "fp32"; recorded in every checkpoint."""
+    return "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
+
+
 def _is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -552,6 +557,7 @@ class StageRecipe:
         run.tracker.log_params({f"{stage.name}.steps": data.steps, f"{stage.name}.warmup_steps": data.warmup,
                                 f"{stage.name}.examples": len(data.samples),
                                 f"{stage.name}.examples_dropped": data.dropped, f"{stage.name}.init": str(self.init_dir)})
+        run.tracker.start_stage(stage.name, data.steps, self.offset, self.start)
         if run.main and data.dropped:
             log.info("stage %s: %d examples have no weighted token under loss %s and are left out",
                      stage.name, data.dropped, stage.loss)
@@ -565,7 +571,8 @@ class StageRecipe:
             if save_every and (step + 1) % save_every == 0 and step + 1 < self.data.steps:
                 self.last_checkpoint = self.save(step + 1, final=False)
         final = self.save(self.data.steps, final=True)
-        self.run.tracker.log_artifact(final)
+        # where it is, not its files: a tracker that uploads artifacts (MLflow) would copy every stage's weights
+        self.run.tracker.log_params({f"{self.stage.name}.checkpoint": str(final)})
         return final
 
     def _optimizer_step(self, step: int) -> None:
@@ -646,6 +653,8 @@ class StageRecipe:
             ckpt.commit(tmp, folder, self._meta(step, global_step, final))
             if not final:
                 ckpt.prune_periodic(run.paths.checkpoints, run.config.train.keep_last)
+            elif run.config.train.keep_final_only:
+                ckpt.prune_finished_stages(run.paths.checkpoints, self.k)
         acc.wait_for_everyone()
         return folder
 
@@ -687,6 +696,7 @@ class StageRecipe:
             "config": training_view(run.config, run.arm, run.seed),
             "stage_key": run.stage_key(self.k), "code_version": run.code_version, "base_model": run.base.identity,
             "init": str(self.init_dir), "loss": self.stage.loss, "world_size": run.accelerator.num_processes,
+            "precision": training_precision(run.accelerator),
             "created": time.time(),
         }
 

@@ -379,8 +379,9 @@ def test_a_logged_model_is_a_bf16_chat_model_that_generates(shared, tiny_model_d
 
     checkpoint = tmp_path / "step-final"  # a checkpoint: a model folder plus the trainer's resume state
     shutil.copytree(tiny_model_dir, checkpoint)
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt", "sftkey.json"):
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt"):
         (checkpoint / name).write_bytes(b"state")
+    (checkpoint / "sftkey.json").write_text(json.dumps({"precision": "bf16"}))  # trained under bf16 autocast
     client = shared.client()
     run_id = client.create_run(shared.experiment_id()).info.run_id
     uri = MlflowTracker(client, run_id).log_model(checkpoint, "sft_tag-seed0", max_new_tokens=6)
