@@ -54,7 +54,7 @@ def build_definitions(config, resources: dict | None = None) -> dg.Definitions:
 
     assets, checks = pipeline_graph(config)
     jobs = [
-        dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.all(include_sources=False),
+        dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.all(),
                             description="data -> every arm x seed cell (in parallel, bounded by the device pool) -> "
                                         "comparison -> registry"),
         dg.define_asset_job("prepare_data_job", selection=dg.AssetSelection.assets(*DATA_ASSETS)),
@@ -76,6 +76,9 @@ def pipeline_job(spec: str) -> dg.JobDefinition:
     argument, so each pipeline run, even a second one in the same process, gets its own resources)."""
     from orchestration.config import _parsed, resources
 
+    from orchestration.pipeline import quiet_libraries
+
+    quiet_libraries()  # in every step process too: no progress bars of the libraries the steps call
     run = json.loads(spec)
     config = _parsed(json.dumps(run["raw"], sort_keys=True), run["path"])
     res = resources(config, run["pipeline_run"], run["parent_run_id"], tracking_uri=run["tracking_uri"])
