@@ -295,10 +295,9 @@ def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance,
     result = PipelineResult(name, parent, res["store"].run_folder())
 
     cells, limit = len(config.arms) * len(config.seeds), set_pool_limit(instance, config)
-    label = (f"one Dagster run of {PIPELINE_JOB}: data -> {cells} arm x seed cell(s), {limit} at once -> "
-             "comparison -> registry")
-    echo(f"[{time.monotonic() - started:6.1f} s] {label}")
-    progress.stage = label
+    echo(f"[{time.monotonic() - started:6.1f} s] one Dagster run of {PIPELINE_JOB}: data -> {cells} arm x seed "
+         f"cell(s), {limit} at once -> comparison -> registry")
+    progress.stage = f"the {PIPELINE_JOB} run"
     outcome = execute(config, instance, name, parent, preflight.resolve_uri(), limit, log_level)
     watch.check()  # a signal during the run: Dagster ended the run, the pipeline stops here
     result.failed_checks += _failed_checks(outcome)

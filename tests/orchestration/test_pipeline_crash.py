@@ -162,6 +162,9 @@ def test_the_logged_config_holds_no_credentials(tiny_model_dir, tmp_path, tracki
 
 # ---------------------------------------------------------------------------------- `sftkey pipeline`, killed
 
+RUN_LINE = "] one Dagster run of sftkey_pipeline: "  # what `sftkey pipeline` prints as its run starts
+
+
 def start_pipeline(config: Path, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"} | {"OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "sftkey.cli", "pipeline", "--config", str(config)], env=env,
@@ -191,7 +194,7 @@ def signal_when_running(process: subprocess.Popen, config_path: Path, run_prefix
     lines = []
     for line in process.stdout:  # past start-up: this run has its parent run and has reaped the earlier ones
         lines.append(line)
-        if "] data: " in line:
+        if RUN_LINE in line:
             break
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
@@ -205,6 +208,23 @@ def signal_when_running(process: subprocess.Popen, config_path: Path, run_prefix
             return lines + out.splitlines(keepends=True)
         time.sleep(0.1)
     raise AssertionError(f"no {run_prefix} run of this pipeline was seen RUNNING before it ended")
+
+
+def wait_for_asset_run(process: subprocess.Popen, config_path: Path, run_name: str, timeout_s: float = 600) -> None:
+    """Return once this process's pipeline run has an MLflow asset run `run_name` (draining its stdout meanwhile)."""
+    import threading
+
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # a full pipe would stall the pipeline
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            _, children = latest_pipeline_run(config_path)
+        except Exception:  # the store may be busy
+            children = []
+        if any(r.info.run_name == run_name for r in children):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {run_name} run of this pipeline before it ended or {timeout_s} s passed")
 
 
 def leftovers(config_path: Path) -> tuple[list[str], list[str]]:
@@ -269,7 +289,7 @@ def test_killed_pipelines_leave_nothing_running_after_the_next_run(tiny_model_di
 
     # kill -9 during data: today's state, the runs stay RUNNING/STARTED
     first = start_pipeline(config, tmp_path / "first.err")
-    signal_during(first, "] data: ", 5, signal.SIGKILL)
+    signal_during(first, RUN_LINE, 5, signal.SIGKILL)
     assert first.returncode == -signal.SIGKILL
     running, unfinished = leftovers(config)
     assert [n for n in running if n.startswith("smoke-")] and len(unfinished) == 1
@@ -288,8 +308,8 @@ def test_killed_pipelines_leave_nothing_running_after_the_next_run(tiny_model_di
     err = (tmp_path / "third.err").read_text()
     assert third.returncode == 128 + signal.SIGTERM, err
     assert not [line for line in err.splitlines() if "Stack Trace" in line or " - dagster - " in line], err
-    assert err.splitlines()[-1].startswith("sftkey pipeline: error: interrupted by SIGTERM during sft_tag seed 0: "
-                                           "stage1_model -> stage2_model -> benchmark_scores; MLflow run ")
+    assert err.splitlines()[-1].startswith("sftkey pipeline: error: interrupted by SIGTERM during the sftkey_pipeline "
+                                           "run; MLflow run ")
     assert leftovers(config) == ([], [])
     parent, children = latest_pipeline_run(config)  # the third run: its parent and its interrupted training run
     assert parent.info.status == "KILLED"
@@ -298,9 +318,7 @@ def test_killed_pipelines_leave_nothing_running_after_the_next_run(tiny_model_di
 
     # kill -9 between registration and the gate's decision: an undecided version is left behind
     fourth = start_pipeline(config, tmp_path / "fourth.err")
-    for line in fourth.stdout:
-        if "] arm_comparison -> registered_model" in line:
-            break
+    wait_for_asset_run(fourth, config, "arm_comparison")  # the report has started: registration comes next
     fourth.send_signal(signal.SIGSTOP)
     assert kill_once_undecided(fourth, config), "the gate decided before the version could be seen undecided"
 
