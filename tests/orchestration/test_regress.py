@@ -217,7 +217,20 @@ def materialize(smoke_run, raw: dict, names: list[str]):
     result = dg.materialize(assets + checks, selection=selection,
                             instance=smoke_run.instance, resources=resources(config, "warm-test"))
     assert result.success
-    return result
+    return CellOutputs(result)
+
+
+class CellOutputs:
+    """A materialization's outputs by asset name: the data assets', or the sft_tag|0 cell's."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def output_for_node(self, name: str):
+        from orchestration.assets import CELL_ASSETS, cell_key
+
+        node = cell_key("sft_tag", 0, name).to_python_identifier() if name in CELL_ASSETS else name
+        return self.result.output_for_node(node)
 
 
 @pytest.mark.slow
