@@ -135,6 +135,8 @@ def reap_dagster_runs(instance, reaper: str) -> list[str]:
             why = f"process {pid} on {host} was gone; marked failed by {reaper}"
             instance.add_run_tags(run.run_id, {REAPED_TAG: why})
             instance.report_run_failed(run, message=why)
+            # the pool slots its steps held die with it: a dead run's slot would hold the next run's cells forever
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             reaped.append(run.run_id)
     return reaped
 
@@ -146,6 +148,7 @@ def cancel_open_dagster_runs(instance, pipeline_run: str, why: str) -> None:
     statuses = [dg.DagsterRunStatus(s) for s in UNFINISHED]
     for run in instance.get_runs(dg.RunsFilter(statuses=statuses, tags={PIPELINE_RUN_TAG: pipeline_run})):
         instance.report_run_canceled(run, message=why)
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
 
 
 @dataclass

@@ -81,7 +81,13 @@ def test_dagster_runs_of_dead_processes_are_marked_failed(tmp_path):
         run = instance.add_run(DagsterRun(job_name="j", run_id=str(uuid.uuid4()), status=status,
                                           tags={PID_TAG: owner, HOST_TAG: host}))
         ids[name] = run.run_id
+    pool = instance.event_log_storage
+    pool.set_concurrency_slots("sftkey_cpu", 2)
+    for name in ("dead started", "alive"):  # each holds a slot of the device pool for its training step
+        assert pool.claim_concurrency_slot("sftkey_cpu", ids[name], "train").is_claimed
     assert sorted(reap_dagster_runs(instance, "p2")) == sorted([ids["dead started"], ids["dead starting"]])
+    # the dead run's slot is free again (else the next run's cells would wait for it forever); the live run keeps its
+    assert pool.get_concurrency_info("sftkey_cpu").active_run_ids == {ids["alive"]}
     status = {name: instance.get_run_by_id(run_id).status.value for name, run_id in ids.items()}
     assert status == {"dead started": "FAILURE", "dead starting": "FAILURE", "alive": "STARTED",
                       "other host": "STARTED", "finished": "SUCCESS"}
