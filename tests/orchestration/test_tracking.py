@@ -297,11 +297,12 @@ def test_a_real_mlflow_server_passes_the_probe(tmp_path):
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                               "--default-artifact-root", str(tmp_path / "artifacts")],
+                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as sftkey ui runs it
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180  # four uvicorn workers once took over 120 s on 2 loaded cores
         while probe(url, 2.0) is not None and time.monotonic() < deadline:
             time.sleep(1)
         assert probe(url, 2.0) is None
