@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -202,35 +203,25 @@ def signal_when_running(process: subprocess.Popen, config_path: Path, run_prefix
         lines.append(line)
         if RUN_LINE in line:
             break
+    wait_for_asset_run(process, config_path, lambda r: r.info.run_name.startswith(run_prefix)
+                       and r.info.status == "RUNNING", f"{run_prefix} run RUNNING", timeout_s)
+    process.send_signal(signum)
+    out, _ = process.communicate(timeout=120)
+    return lines + out.splitlines(keepends=True)
+
+
+def wait_for_asset_run(process: subprocess.Popen, config_path: Path, wanted, what: str, timeout_s: float = 600) -> None:
+    """Return once this process's pipeline run has an MLflow asset run for which `wanted(run)` holds."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         try:
             _, children = latest_pipeline_run(config_path)
         except Exception:  # the store may be busy
             children = []
-        if any(r.info.run_name.startswith(run_prefix) and r.info.status == "RUNNING" for r in children):
-            process.send_signal(signum)
-            out, _ = process.communicate(timeout=120)
-            return lines + out.splitlines(keepends=True)
-        time.sleep(0.1)
-    raise AssertionError(f"no {run_prefix} run of this pipeline was seen RUNNING before it ended")
-
-
-def wait_for_asset_run(process: subprocess.Popen, config_path: Path, run_name: str, timeout_s: float = 600) -> None:
-    """Return once this process's pipeline run has an MLflow asset run `run_name` (draining its stdout meanwhile)."""
-    import threading
-
-    threading.Thread(target=process.stdout.read, daemon=True).start()  # a full pipe would stall the pipeline
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            _, children = latest_pipeline_run(config_path)
-        except Exception:  # the store may be busy
-            children = []
-        if any(r.info.run_name == run_name for r in children):
+        if any(wanted(r) for r in children):
             return
         time.sleep(0.1)
-    raise AssertionError(f"no {run_name} run of this pipeline before it ended or {timeout_s} s passed")
+    raise AssertionError(f"no {what} of this pipeline before it ended or {timeout_s} s passed")
 
 
 def leftovers(config_path: Path) -> tuple[list[str], list[str]]:
@@ -324,7 +315,8 @@ def test_killed_pipelines_leave_nothing_running_after_the_next_run(tiny_model_di
 
     # kill -9 between registration and the gate's decision: an undecided version is left behind
     fourth = start_pipeline(config, tmp_path / "fourth.err")
-    wait_for_asset_run(fourth, config, "arm_comparison")  # the report has started: registration comes next
+    threading.Thread(target=fourth.stdout.read, daemon=True).start()  # a full pipe would stall the pipeline
+    wait_for_asset_run(fourth, config, lambda r: r.info.run_name == "arm_comparison", "arm_comparison run")
     fourth.send_signal(signal.SIGSTOP)
     assert kill_once_undecided(fourth, config), "the gate decided before the version could be seen undecided"
 
