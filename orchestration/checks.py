@@ -161,15 +161,18 @@ def failed_checks(instance: dg.DagsterInstance, run_tags: dict, keys: list[dg.As
             if evaluation is None or (run_ids is not None and record.run_id not in run_ids):
                 continue
             if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
-                failed.append(key.name + (f" [{_cell_label(key.asset_key)}]" if len(key.asset_key.path) == 3 else ""))
+                failed.append(check_label(key.name, key.asset_key))
             break
     return failed
 
 
-def _cell_label(asset_key: dg.AssetKey) -> str:
-    """sft_tag/seed0/benchmark_scores -> sft_tag|0 (as the summary and the gate's reason name a cell)."""
+def check_label(check: str, asset_key: dg.AssetKey) -> str:
+    """A check as the summary and the gate's reason name it: with its cell for a cell's asset
+    (sft_tag/seed0/benchmark_scores -> "check_benchmark_scores_format_accuracy [sft_tag|0]")."""
+    if len(asset_key.path) != 3:
+        return check
     arm, seed, _ = asset_key.path
-    return f"{arm}|{seed.removeprefix('seed')}"
+    return f"{check} [{arm}|{seed.removeprefix('seed')}]"
 
 
 @dg.asset_check(asset=registered_model, blocking=True,

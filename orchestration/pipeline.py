@@ -162,7 +162,7 @@ class PipelineResult:
     seconds: float = 0.0
     promoted: bool = False  # the candidate is @champion after this run (moved now, or it already was)
     promotion_reason: str = ""  # the gate's reason, or the compare-and-set's when the champion changed meanwhile
-    failed_checks: list[str] = field(default_factory=list)  # ERROR-severity checks that failed, any partition
+    failed_checks: list[str] = field(default_factory=list)  # ERROR-severity checks that failed, any cell
 
 
 def new_pipeline_run_name(config: PipelineConfig) -> str:
@@ -378,7 +378,9 @@ def _failed_checks(outcome) -> list[str]:
     """The ERROR-severity checks of a materialization that failed (the gate's refusal is reported apart)."""
     import dagster as dg
 
-    return [e.check_name + (f" [{e.partition}]" if e.partition else "") for e in outcome.get_asset_check_evaluations()
+    from orchestration.checks import check_label
+
+    return [check_label(e.check_name, e.asset_key) for e in outcome.get_asset_check_evaluations()
             if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR and e.check_name != _gate()[0]]
 
 

@@ -103,3 +103,13 @@ def test_the_gate_reads_the_data_checks_and_the_candidate_cells_checks():
                      "sftkey_tag_v2/seed1/stage2_model:check_stage2_model_answer_loss",
                      "sftkey_tag_v2/seed1/benchmark_scores:check_benchmark_scores_format_accuracy",
                      "sftkey_tag_v2/seed1/benchmark_scores:check_benchmark_scores_length_cap"]  # WARN never bars
+
+
+def test_a_cells_check_is_named_with_its_cell():
+    from orchestration.assets import cell_key
+    from orchestration.checks import check_label
+
+    assert check_label("check_benchmark_scores_format_accuracy", cell_key("sftkey_tag", 2, "benchmark_scores")) == (
+        "check_benchmark_scores_format_accuracy [sftkey_tag|2]")
+    assert check_label("check_annotated_dataset_coverage", dg.AssetKey("annotated_dataset")) == (
+        "check_annotated_dataset_coverage")
