@@ -212,19 +212,22 @@ def test_dagster_instance_on_postgres_keeps_runs_in_the_database(postgres, tmp_p
         assert reopened.get_latest_materialization_event(dg.AssetKey("answer")).run_id == result.run_id
     finally:
         reopened.dispose()
-    assert stored_run_ids(postgres, database) == {result.run_id}
+    assert column(postgres, database, "SELECT run_id FROM runs") == {result.run_id}
     assert not list((tmp_path / "dagster").glob("**/*.db"))  # no sqlite store beside it
 
 
-def stored_run_ids(postgres, database: str) -> set[str]:
-    """The run ids in the Dagster run table of `database`, read with plain SQL."""
+def column(postgres, database: str, query: str) -> set[str]:
+    """The first column of `query`'s rows in `database`, read with plain SQL; empty while the table is missing
+    (an instance that has not created its tables yet)."""
     import psycopg2
 
     connection = psycopg2.connect(postgres.url(database), password=postgres.password)
     try:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT run_id FROM runs")
+            cursor.execute(query)
             return {row[0] for row in cursor.fetchall()}
+    except psycopg2.errors.UndefinedTable:
+        return set()
     finally:
         connection.close()
 
@@ -313,7 +316,7 @@ def test_smoke_pipeline_on_production_stores_reads_its_lineage_back_through_the_
             assert instance.get_latest_materialization_event(key).run_id in run_ids, key
     finally:
         instance.dispose()
-    assert run_ids <= stored_run_ids(postgres, database)
+    assert run_ids <= column(postgres, database, "SELECT run_id FROM runs")
     assert postgres.password not in (work / "dagster" / "dagster.yaml").read_text()
 
 
@@ -355,25 +358,11 @@ def test_sftkey_ui_runs_the_run_queue_daemon_and_the_mlflow_server_on_postgres(p
         assert {s.name: s.url for s in services}["mlflow"] == tracking_uri
         assert MlflowClient(tracking_uri).search_experiments()[0].name == "Default"
         deadline = time.monotonic() + 60
-        while "QUEUED_RUN_COORDINATOR" not in daemon_types(postgres, dagster_db) and time.monotonic() < deadline:
+        heartbeats = "SELECT daemon_type FROM daemon_heartbeats"
+        while "QUEUED_RUN_COORDINATOR" not in column(postgres, dagster_db, heartbeats) and time.monotonic() < deadline:
             time.sleep(1)
-        assert "QUEUED_RUN_COORDINATOR" in daemon_types(postgres, dagster_db)
+        assert "QUEUED_RUN_COORDINATOR" in column(postgres, dagster_db, heartbeats)
     finally:
         ui.stop(services)
     logs = "".join(p.read_text(errors="replace") for p in (work / "ui-logs").glob("*.log"))
     assert postgres.password not in logs
-
-
-def daemon_types(postgres, database: str) -> set[str]:
-    """The Dagster daemons that have written a heartbeat into `database`."""
-    import psycopg2
-
-    connection = psycopg2.connect(postgres.url(database), password=postgres.password)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT daemon_type FROM daemon_heartbeats")
-            return {row[0] for row in cursor.fetchall()}
-    except psycopg2.errors.UndefinedTable:  # the instance has not created its tables yet
-        return set()
-    finally:
-        connection.close()
