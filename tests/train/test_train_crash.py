@@ -226,8 +226,11 @@ def write_config(tmp_path: Path, tiny_model_dir: Path, output_dir: Path, arms: d
 
 def start_train(config: Path, *extra: str) -> subprocess.Popen:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # a shell that started the suite in the background ignores SIGINT, and children inherit that: undo it, so that
+    # SIGINT reaches `sftkey train` as Ctrl-C does
     return subprocess.Popen([sys.executable, "-m", "sftkey.cli", "train", "--config", str(config), *extra], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_until(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
@@ -246,6 +249,9 @@ def metrics_steps(run: Path) -> list[int]:
 # (arms, train changes, ready(run) -> bool, checkpoints present at the kill); ~125 ms a step leaves a margin of
 # several steps between the kill point and the next checkpoint
 EIGHT_STEPS = {"sft_tag": {"format": "tagged", "stages": [{"name": "stage1", "loss": "sft", "steps": 8}]}}
+# a stage far longer than the time a signal takes to arrive under load: eight steps (~0.4 s here) ended before a
+# SIGINT sent after step 1 landed once in CI, and the process exited as a finished run would
+LONG_STAGE = {"sft_tag": {"format": "tagged", "stages": [{"name": "stage1", "loss": "sft", "steps": 4000}]}}
 KILL_POINTS = {
     "before-first-checkpoint": (EIGHT_STEPS, {}, lambda run: len(metrics_steps(run)) >= 1, []),
     "after-periodic-checkpoint": (EIGHT_STEPS, {"save_every": 2},
@@ -316,7 +322,7 @@ def test_two_resumes_on_one_run_folder_one_trains_the_other_refuses(tmp_path, ti
                                                     (signal.SIGINT, "interrupted", 130, "interrupted")],
                          ids=["SIGTERM", "SIGINT"])
 def test_a_signal_marks_the_run_and_exits_with_one_line(tmp_path, tiny_model_dir, signum, status, code, how):
-    config_file = write_config(tmp_path, tiny_model_dir, tmp_path / "runs", EIGHT_STEPS)
+    config_file = write_config(tmp_path, tiny_model_dir, tmp_path / "runs", LONG_STAGE)
     run = tmp_path / "runs" / "sft_tag" / "seed0"
     proc = start_train(config_file)
     try:
@@ -325,7 +331,8 @@ def test_a_signal_marks_the_run_and_exits_with_one_line(tmp_path, tiny_model_dir
         _out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == code and "Traceback" not in err
+    assert proc.returncode == code and "Traceback" not in err, err[-3000:]
+    assert len(metrics_steps(run)) < 4000  # stopped mid-stage
     assert err.strip().splitlines()[-1] == (f"sftkey train: sft_tag seed 0: {how}; rerun with --resume to continue "
                                             "from its newest checkpoint")
     record = json.loads((run / "run.json").read_text())
