@@ -71,7 +71,9 @@ class TrainSettings:
     keep_final_only: bool = field(default=False, metadata={"help": "delete a stage's periodic checkpoints once its final "
                                                                    "one is written: they serve a resume while the stage "
                                                                    "runs, the final one feeds the next stage and reuse"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a GPU, fp32 on CPU), fp32 or bf16"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 autocast on a GPU with bf16, and on a CPU where a one-off probe measured it faster: "
+                "sftkey.precision; fp32 elsewhere), fp32 or bf16; master weights and optimizer state stay fp32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     fsdp: bool = field(default=False, metadata={"help": "shard the model with FSDP (accelerate) when it does not fit one GPU"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention: sdpa, eager or flash_attention_2. sdpa, eager and flex_attention keep packed examples apart in every row; under any other, packing puts each micro-batch in one row (pack_length does not cap it)"})

@@ -377,13 +377,16 @@ def ended_status(error: BaseException) -> str:
 
 
 def make_accelerator(config: TrainConfig):
-    """bf16 autocast on a GPU (precision auto), fp32 on CPU; `cpu=True` on a CPU-only machine lets torchrun start gloo."""
+    """The run's Accelerator: precision `auto` is bf16 autocast on a GPU with bf16 and on a CPU where the probe
+    (sftkey.precision) measured it faster, fp32 elsewhere; `cpu=True` on a CPU-only machine lets torchrun start gloo."""
     from accelerate import Accelerator
 
+    from sftkey.precision import resolve_precision
+
     cuda = torch.cuda.is_available()
-    precision = config.train.precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    precision, why = resolve_precision(config.train.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("precision %s (%s)", precision, why)
     kwargs = {}
     if config.train.fsdp:
         from accelerate import FullyShardedDataParallelPlugin

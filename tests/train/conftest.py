@@ -9,11 +9,12 @@ import pytest
 
 ARITH = Path(__file__).resolve().parent / "fixtures" / "arith.jsonl"  # 24 records, 91-218 tiny-tokenizer tokens each
 
-# A config small enough that a stage of a few steps takes well under a second on the tiny model.
+# A config small enough that a stage of a few steps takes well under a second on the tiny model. fp32, not auto:
+# auto picks bf16 on CPUs where it is faster (sftkey.precision), and these tests must compute the same on every CPU.
 BASE = {
     "seeds": [0],
     "data": {"dataset": "gsm8k", "path": str(ARITH), "max_length": 256},
-    "train": {"batch_size": 4, "lr": 1.0e-3, "warmup_epochs": 0.5, "pack_length": 512},
+    "train": {"batch_size": 4, "lr": 1.0e-3, "warmup_epochs": 0.5, "pack_length": 512, "precision": "fp32"},
     "arms": {
         "sft_tag": {"format": "tagged", "stages": [{"name": "stage1", "loss": "sft", "steps": 3}]},
         "sftkey_tag": {"format": "tagged", "stages": [{"name": "stage1", "loss": "sft", "steps": 3},
