@@ -344,16 +344,19 @@ def local_devices(compute: ComputeResource) -> int:
     return 0 if compute.launcher == "k8s" else compute.num_processes
 
 
-def cell_assets(arm: str, seed: int, pool: str | None = None) -> list[dg.AssetsDefinition]:
+def cell_assets(arm: str, seed: int, pool: str | None = None,
+                after: dg.AssetKey | None = None) -> list[dg.AssetsDefinition]:
     """stage1_model -> stage2_model -> benchmark_scores of one arm x seed cell. The cells of a config are
-    independent steps of one run, so Dagster runs as many at once as the device pool `pool` allows."""
-    def define(asset: str, ins: dict[str, dg.AssetKey], description: str):
+    independent steps of one run, so Dagster runs as many at once as the device pool `pool` allows; `after`: the
+    stage-1 asset of another cell that trains the same first stage (this cell's stage 1 then reuses it)."""
+    def define(asset: str, ins: dict[str, dg.AssetKey], description: str, deps=()):
         return dg.asset(key=cell_key(arm, seed, asset), ins={name: dg.AssetIn(key=key) for name, key in ins.items()},
-                        group_name=GROUP, code_version="1", pool=pool, description=description,
+                        deps=list(deps), group_name=GROUP, code_version="1", pool=pool, description=description,
                         tags={"sftkey/arm": cell_name(arm), "sftkey/seed": str(seed)})
 
     @define("stage1_model", {"tokenized_dataset": dg.AssetKey("tokenized_dataset")},
-            "The arm's first stage from the base model (SFT-Tag: SFT on the tagged response; Key-Tag: answer only).")
+            "The arm's first stage from the base model (SFT-Tag: SFT on the tagged response; Key-Tag: answer only).",
+            deps=[after] if after is not None else ())
     def stage1_model(context: dg.AssetExecutionContext, settings: PipelineSettings, tokenized_dataset: dict,
                      store: ModelStore, compute: ComputeResource, tracking: MlflowResource) -> dg.Output[dict]:
         with step_devices(store.root, compute.device, local_devices(compute)):

@@ -40,10 +40,38 @@ DATA_ASSETS = [raw_dataset, annotated_dataset, tokenized_dataset]
 def pipeline_graph(config) -> tuple[list, list]:
     """(assets, checks) of a config: the data assets, one cell per arm x seed, the report."""
     pool = pool_name(device_kind(config.sections.compute.device))
-    cells = [asset for arm in config.arms for seed in config.seeds for asset in cell_assets(arm, seed, pool)]
+    owners = first_stage_owners(config)
+    cells = [asset for arm in config.arms for seed in config.seeds
+             for asset in cell_assets(arm, seed, pool, after=_stage1_of(owners.get((arm, seed))))]
     scores = [cell_key(arm, seed, "benchmark_scores") for arm in config.arms for seed in config.seeds]
     report = [arm_comparison_asset(scores), registered_model, champion_model]
     return DATA_ASSETS + cells + report, pipeline_checks(config.arms, config.seeds)
+
+
+def first_stage_owners(config) -> dict[tuple[str, int], tuple[str, int]]:
+    """(arm, seed) -> the earlier cell (config order) whose first stage trains the same weights (equal stage views:
+    SFTKey-Tag's and compute-matched SFT-Tag's stage 1 are SFT-Tag's). That cell's stage 1 runs after the owner's
+    and reuses its checkpoint, instead of training the same stage beside it."""
+    from sftkey.train.config import stage_view, training_view
+
+    owners, first = {}, {}
+    for seed in config.seeds:
+        for arm in config.arms:
+            view = json.dumps(stage_view(training_view(config.training, arm, seed), 0), sort_keys=True)
+            if view in first:
+                owners[(arm, seed)] = first[view]
+            else:
+                first[view] = (arm, seed)
+    return owners
+
+
+def independent_cells(config) -> int:
+    """Cells that can start training at once: those whose first stage is their own."""
+    return len(config.arms) * len(config.seeds) - len(first_stage_owners(config))
+
+
+def _stage1_of(cell: tuple[str, int] | None) -> dg.AssetKey | None:
+    return None if cell is None else cell_key(cell[0], cell[1], "stage1_model")
 
 
 def build_definitions(config, resources: dict | None = None) -> dg.Definitions:
