@@ -300,7 +300,8 @@ def score_cell(context: dg.AssetExecutionContext, arm: str, seed: int, settings:
 
     bench = settings.config.benchmark
     key = score_key(stage2_model, dataclasses.asdict(bench))
-    generation = GenerationConfig(max_new_tokens=bench.max_new_tokens, batch_size=bench.batch_size, progress=False)
+    generation = GenerationConfig(max_new_tokens=bench.max_new_tokens, batch_size=bench.batch_size, progress=False,
+                                  backend=bench.backend)
     tags = {"sftkey.arm": arm, "sftkey.seed": str(seed)}
     with tracking.asset_run(context, tags=tags, cell=f"{arm}|{seed}") as run:
         run.log_params({"benchmark": dataclasses.asdict(bench), "checkpoint": stage2_model["checkpoint"]})

@@ -48,6 +48,8 @@ class BenchmarkSection:
     test_fraction: float = field(default=0.3, metadata={"help": "of a carved single-split set (as seed)"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "None: the data set's own cap"})
     batch_size: int = field(default=16, metadata={"help": "questions generated together"})
+    backend: str = field(default="sftkey", metadata={
+        "help": "generation backend: sftkey, static, continuous or vllm (see sftkey.generate_backends)"})
     lm_eval_tasks: list[str] = field(default_factory=list, metadata={"help": "lm-eval tasks of evals/run.py, e.g. gsm8k_tagged"})
     lm_eval_limit: int | None = field(default=None, metadata={"help": "questions per lm-eval task (None: all)"})
 
@@ -431,6 +433,10 @@ def _held_out_benchmark(config: PipelineConfig, fail) -> BenchmarkSection:
         value = getattr(bench, key)
         if value is not None and value < 1:
             raise fail(("benchmark", key), f"must be a positive count, got {value} (or leave it out for the default)")
+    from sftkey.generate_backends import BACKENDS
+
+    if bench.backend not in BACKENDS:
+        raise fail(("benchmark", "backend"), f"{bench.backend!r}: use one of {', '.join(BACKENDS)}")
     try:
         held_out = held_out_config(config.training_data(), bench.data())
     except DataError as e:  # unknown data set, test_fraction outside (0, 1)

@@ -319,6 +319,7 @@ def evaluate(config: EvalConfig) -> dict:
         "max_new_tokens": generation.max_new_tokens,
         "temperature": generation.temperature,
         "sampling_seed": generation.seed,
+        "backend": generation.backend,  # not in RESUME_KEYS: every backend gives the same greedy outputs
         "stage_keys": list(info.stage_keys),
         "training_data": None if info.training_data is None else [describe(d) for d in info.training_data],
         "exclude_training_questions": config.exclude_training_questions,
@@ -333,9 +334,11 @@ def evaluate(config: EvalConfig) -> dict:
     todo = [q for q in questions if q.uid not in done]
     if todo:
         from sftkey.generate import generate_batches
+        from sftkey.generate_backends import check_backend
         from sftkey.models import load_model, load_tokenizer
         from sftkey.tokenize import format_prompt
 
+        check_backend(generation.backend, generation.temperature, resolve_device(config.device))  # before any output
         # The model loads before anything is written: a checkpoint that does not load leaves no output folder.
         tokenizer = load_tokenizer(folder)
         model = load_model(folder, dtype=config.dtype).to(resolve_device(config.device)).eval()

@@ -4,6 +4,9 @@ Each batch is left-padded and prefilled once; then one token per live row per st
 turn-closing token (eos) or at the new-token cap. Finished rows are dropped from the batch (and from the
 KV cache) once enough of them have finished, so a batch costs what its live rows cost, and the loop ends
 as soon as the last row stops.
+
+That loop is the default backend; `GenerationConfig.backend` picks another engine (sftkey.generate_backends:
+a static cache + CUDA graphs, transformers' continuous batching, vLLM) that yields the same records.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class GenerationConfig:
     temperature: float = field(default=0.0, metadata={"help": "0: greedy; > 0: sample from softmax(logits / temperature)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler (unused when greedy)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    backend: str = field(default="sftkey", metadata={
+        "help": "sftkey (this loop; fastest on CPU), static (static KV cache, CUDA graphs on GPU), continuous "
+                "(transformers' continuous batching, paged attention) or vllm (when installed); greedy outputs "
+                "equal HF generate's on the same dtype"})
 
     def __post_init__(self):
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -43,6 +50,10 @@ class GenerationConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        from sftkey.generate_backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass
@@ -97,6 +108,9 @@ def generate_batches(
                 f"prompt {uid!r} has {len(prompt_ids)} tokens; with max_new_tokens {config.max_new_tokens} it "
                 f"exceeds the model's {max_positions} positions: lower max_new_tokens or drop the example"
             )
+    from sftkey.generate_backends import check_backend, run_backend
+
+    check_backend(config.backend, config.temperature, _device(model))
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
@@ -106,9 +120,8 @@ def generate_batches(
     bar = tqdm(total=len(prompts), desc="generating", unit="q", disable=not config.progress)
     started, produced = time.perf_counter(), 0
     try:
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start : start + config.batch_size]
-            new_tokens, reasons = generate_ids(model, [ids[i] for i in batch], stops, pad_id, config, generator)
+        for batch, new_tokens, reasons in run_backend(config.backend, model, ids, order, stops, pad_id, config,
+                                                      generator):
             out = []
             for i, tokens, reason in zip(batch, new_tokens, reasons):
                 uid, prompt = prompts[i]

@@ -11,6 +11,7 @@ import math
 
 from sftkey.commands.prepare import add_data_arguments, data_config
 from sftkey.generate import GenerationConfig
+from sftkey.generate_backends import BACKENDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="cap on new tokens per answer (default: the data set's, e.g. gsm8k 512, math500 1024)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="questions per generation batch")
+    parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
+                        help="generation engine: sftkey (default; fastest on CPU), static (static KV cache, CUDA "
+                             "graphs on GPU), continuous (transformers' continuous batching), vllm (when installed)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy (default); > 0: sampled")
     parser.add_argument("--sampling-seed", type=int, default=defaults.seed, help="seed of sampled generation")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         annotation=annotation_config(answer_regex=args.answer_regex),
         generation=GenerationConfig(
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
-            seed=args.sampling_seed, progress=not args.no_progress,
+            seed=args.sampling_seed, progress=not args.no_progress, backend=args.backend,
         ),
         out=args.out,
         tagged=None if args.format is None else args.format == "tagged",
