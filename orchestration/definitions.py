@@ -49,25 +49,12 @@ def pipeline_graph(config) -> tuple[list, list]:
 
 
 def first_stage_owners(config) -> dict[tuple[str, int], tuple[str, int]]:
-    """(arm, seed) -> the earlier cell (config order) whose first stage trains the same weights (equal stage views:
-    SFTKey-Tag's and compute-matched SFT-Tag's stage 1 are SFT-Tag's). That cell's stage 1 runs after the owner's
-    and reuses its checkpoint, instead of training the same stage beside it."""
-    from sftkey.train.config import stage_view, training_view
+    """(arm, seed) -> the earlier cell whose first stage trains the same weights (SFTKey-Tag's and compute-matched
+    SFT-Tag's stage 1 are SFT-Tag's): that cell's stage 1 runs after the owner's and reuses its checkpoint, instead of
+    training the same stage beside it."""
+    from sftkey.train.parallel_runs import first_stage_owners as owners
 
-    owners, first = {}, {}
-    for seed in config.seeds:
-        for arm in config.arms:
-            view = json.dumps(stage_view(training_view(config.training, arm, seed), 0), sort_keys=True)
-            if view in first:
-                owners[(arm, seed)] = first[view]
-            else:
-                first[view] = (arm, seed)
-    return owners
-
-
-def independent_cells(config) -> int:
-    """Cells that can start training at once: those whose first stage is their own."""
-    return len(config.arms) * len(config.seeds) - len(first_stage_owners(config))
+    return owners(config.training, config.arms, config.seeds)
 
 
 def _stage1_of(cell: tuple[str, int] | None) -> dg.AssetKey | None:

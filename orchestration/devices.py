@@ -42,33 +42,18 @@ def device_count(kind: str) -> int:
     return torch.cuda.device_count()
 
 
-# A cell step of a 135M model on CPU peaks at 3-7 GB resident (benchmarks/train_throughput.py): cells at once on a
-# CPU are bounded by memory as well as by cores.
-CPU_CELL_MEMORY_GB = 6
-
-
-def pool_limit(kind: str, num_processes: int, concurrency: int | None, independent_cells: int = 1) -> int:
+def pool_limit(kind: str, num_processes: int, concurrency: int | None, cells: int = 1) -> int:
     """Cells at once: `concurrency` when set; else one per group of `num_processes` GPUs (at least 1); on CPU one
-    single-thread process per core, as many as there are cells that do not wait for another's first stage (at most
-    one per CPU_CELL_MEMORY_GB of memory). On 2 cores two 1-thread processes did 1.9x the work of one, one 2-thread
-    process 1.3-1.6x (benchmarks/RESULTS.md, "CPU parallelism")."""
+    single-thread process per core, at most one per cell (sftkey.train.parallel_runs.cpu_processes: on 2 cores two
+    1-thread processes did 1.9x the work of one, one 2-thread process 1.3-1.6x idle and 0.24x under load). A cell
+    waiting for another's first stage holds no slot, so the demo's two cells run side by side after stage 1."""
     if concurrency is not None:
         return concurrency
     if kind == "cuda":
         return max(1, device_count(kind) // num_processes)
-    return max(1, min(cpu_cores(), independent_cells, memory_gb() // CPU_CELL_MEMORY_GB))
+    from sftkey.train.parallel_runs import cpu_processes
 
-
-def cpu_cores() -> int:
-    """Cores this process may run on (the affinity mask: a container's or taskset's share, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def memory_gb() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
-    except (ValueError, OSError, AttributeError):
-        return CPU_CELL_MEMORY_GB  # unknown: as if there were room for one cell
+    return cpu_processes(cells)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 5x faster for small models on this 2-core machine
+# One cell or run at a time by default (sftkey.train.parallel_runs): the suite's pipelines run in process, the same on
+# a CI machine of any core count; the tests of the parallel paths ask for their processes explicitly.
+os.environ.setdefault("SFTKEY_CPU_PROCESSES", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("SFTKEY_HUB_TIMEOUT_S", "2")  # the 8 s default is for the real internet; tests fake the hub
 

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepared", default=None, metavar="DIR",
                         help="train on a folder written by `sftkey prepare --out DIR` instead of preparing the "
                              "config's data again (its `data` section is then not read)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="arm x seed runs at once, each a single-thread process (default: on a CPU one per core, "
+                             "no more than the runs that can start on their own; 1 on a GPU and under accelerate)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), metavar="URI",
                         help="also log to MLflow: one run per arm x seed with params, live step metrics and the "
                              "final checkpoint (default: $MLFLOW_TRACKING_URI; unset: no MLflow)")
@@ -64,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         prepared = read_prepared(args.prepared)  # a DataError names the folder and how to write it
     mlflow_runs = _mlflow_runs(args.tracking_uri, args.experiment)  # the store is checked before any training
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # only effective before torch starts its thread pool
+    jobs = _jobs(args.jobs, config, arms, seeds)
+    if jobs > 1:
+        return _train_in_processes(args, config, arms, seeds, jobs)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers.utils import logging as hf_logging
 
@@ -94,6 +100,42 @@ def run(args: argparse.Namespace) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _jobs(asked: int | None, config, arms: list[str], seeds: list[int]) -> int:
+    from sftkey.config_file import ConfigError
+    from sftkey.train.parallel_runs import cpu_processes, first_stage_owners
+
+    if asked is not None:
+        if asked < 1:
+            raise ConfigError(f"--jobs {asked}: give 1 or more runs at once")
+        return asked
+    import torch
+
+    if "RANK" in os.environ or torch.cuda.is_available():  # a launched process, or a GPU: one run at a time here
+        return 1
+    return cpu_processes(len(arms) * len(seeds) - len(first_stage_owners(config, arms, seeds)))
+
+
+def _train_in_processes(args, config, arms: list[str], seeds: list[int], jobs: int) -> int:
+    from pathlib import Path
+
+    from sftkey.train.parallel_runs import child_command, first_stage_owners, run_in_processes
+
+    cells = [(arm, seed) for seed in seeds for arm in arms]
+    passthrough = ["--resume"] * args.resume + (["--prepared", args.prepared] if args.prepared else []) + (
+        ["--tracking-uri", args.tracking_uri, "--experiment", args.experiment] if args.tracking_uri else [])
+    logs = Path(config.output_dir) / "logs"
+    print(f"sftkey train: {len(cells)} runs, {jobs} at once (single-thread processes; logs in {logs})", flush=True)
+    code = run_in_processes(lambda cell: child_command(args.config, args.overrides, cell, passthrough), cells,
+                            first_stage_owners(config, arms, seeds), jobs,
+                            lambda cell: logs / f"{cell[0]}-seed{cell[1]}.log", lambda line: print(line, flush=True))
+    if code in (130, 143):
+        print(f"sftkey train: {'interrupted' if code == 130 else 'killed by SIGTERM'}; rerun with --resume to "
+              "continue each run from its newest checkpoint", file=sys.stderr)
+    elif code:
+        print(f"sftkey train: a run failed (exit {code}); see its line above and its log", file=sys.stderr)
+    return code
 
 
 def _mlflow_runs(tracking_uri: str | None, experiment: str):

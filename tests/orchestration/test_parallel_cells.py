@@ -81,35 +81,37 @@ def test_the_pool_limit_follows_the_config_and_the_devices():
     assert pool_limit("cuda", 1, 3) == 3  # an explicit setting wins
 
 
-@pytest.mark.parametrize("cores,memory_gb,independent,limit", [
-    (2, 24, 2, 2),  # this project's VM, two cells of their own: one 1-thread process per core
-    (2, 24, 1, 1),  # the demo: SFTKey-Tag waits for SFT-Tag's stage 1, so a second slot would sit idle
-    (16, 128, 15, 15), (16, 128, 21, 16),  # never more processes than cores
-    (8, 8, 4, 1), (8, 16, 4, 2),  # nor more 135M-model cells than memory holds (6 GB each)
-    (1, 64, 4, 1),
+@pytest.mark.parametrize("cores,memory_gb,cells,cap,limit", [
+    (2, 24, 2, None, 2),  # this project's VM and the demo's two cells: one 1-thread process per core
+    (2, 24, 1, None, 1), (2, 24, 2, "1", 1),  # one cell; $SFTKEY_CPU_PROCESSES caps it (the test suite sets 1)
+    (16, 128, 15, None, 15), (16, 128, 21, None, 16),  # never more processes than cores
+    (8, 8, 4, None, 1), (8, 16, 4, None, 2),  # nor more 135M-model cells than memory holds (6 GB each)
+    (1, 64, 4, None, 1),
 ])
-def test_on_cpu_the_default_pool_runs_one_process_per_core_for_cells_that_need_no_other(
-        monkeypatch, cores, memory_gb, independent, limit):
-    import orchestration.devices as devices
+def test_on_cpu_the_default_pool_runs_one_process_per_core(monkeypatch, cores, memory_gb, cells, cap, limit):
+    import sftkey.train.parallel_runs as parallel_runs
+    from orchestration.devices import pool_limit
 
-    monkeypatch.setattr(devices, "cpu_cores", lambda: cores)
-    monkeypatch.setattr(devices, "memory_gb", lambda: memory_gb)
-    assert devices.pool_limit("cpu", 1, None, independent) == limit
-    assert devices.pool_limit("cpu", 1, 3, independent) == 3  # compute.concurrency wins
+    monkeypatch.setattr(parallel_runs, "cpu_cores", lambda: cores)
+    monkeypatch.setattr(parallel_runs, "memory_gb", lambda: memory_gb)
+    monkeypatch.delenv(parallel_runs.PROCESSES_ENV, raising=False)
+    if cap is not None:
+        monkeypatch.setenv(parallel_runs.PROCESSES_ENV, cap)
+    assert pool_limit("cpu", 1, None, cells) == limit
+    assert pool_limit("cpu", 1, 3, cells) == 3  # compute.concurrency wins
 
 
 def test_a_cell_that_shares_its_first_stage_runs_it_after_the_owner(tiny_model_dir, tmp_path):
     """SFTKey-Tag's stage 1 is SFT-Tag's (same stage view), per seed: it depends on SFT-Tag's stage-1 asset of its
-    seed, so Dagster starts it after that one and it reuses the checkpoint; SFT-Tag's does not depend on it."""
+    seed, so Dagster starts it after that one (holding no pool slot while it waits) and it reuses the checkpoint."""
     from orchestration.config import pipeline_config_from_dict
-    from orchestration.definitions import build_definitions, first_stage_owners, independent_cells
+    from orchestration.definitions import build_definitions, first_stage_owners
 
     raw = smoke_raw(tiny_model_dir, tmp_path / "work")
     raw["training"]["seeds"] = [0, 1]
     raw["training"]["arms"]["key_tag"] = {"format": "tagged", "stages": [{"name": "stage1", "loss": "key", "steps": 5}]}
     config = pipeline_config_from_dict(raw)
     assert first_stage_owners(config) == {("sftkey_tag", 0): ("sft_tag", 0), ("sftkey_tag", 1): ("sft_tag", 1)}
-    assert independent_cells(config) == 4
     graph = build_definitions(config).resolve_asset_graph()
 
     def upstream(arm, seed):
