@@ -24,6 +24,7 @@ from sftkey.loss import NORMALIZERS, loss_spec
 FORMATS = ("tagged", "plain")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("none", "regional", "model")  # see sftkey.train.compile
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder name
 # Bounds on a stage's length: far beyond any real fine-tuning run, but finite, so a typo (`epochs: 1e30`) fails at load.
 MAX_EPOCHS = 1000
@@ -77,6 +78,7 @@ class TrainSettings:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     fsdp: bool = field(default=False, metadata={"help": "shard the model with FSDP (accelerate) when it does not fit one GPU"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention: sdpa, eager or flash_attention_2. sdpa, eager and flex_attention keep packed examples apart in every row; under any other, packing puts each micro-batch in one row (pack_length does not cap it)"})
+    compile: str = field(default="none", metadata={"help": "torch.compile the training forward: none, regional (each decoder layer; short warm-up) or model (the whole loss model); dynamic shapes, the warm-up is logged and recorded as compile_warmup_s"})
     lora: LoraSettings | None = field(default=None, metadata={"help": "null: full fine-tuning"})
 
 
@@ -205,6 +207,7 @@ def validate(config: TrainConfig) -> None:
     _choice(src, ("train", "schedule"), train.schedule, SCHEDULES)
     _choice(src, ("train", "normalizer"), train.normalizer, NORMALIZERS)
     _choice(src, ("train", "precision"), train.precision, PRECISIONS)
+    _choice(src, ("train", "compile"), train.compile, COMPILE_MODES)
     if train.max_grad_norm is not None and not (train.max_grad_norm > 0 and math.isfinite(train.max_grad_norm)):
         raise located_error(src, ("train", "max_grad_norm"), f"must be > 0 (or null for no clipping), got {train.max_grad_norm}")
     _positive_int(src, ("train", "log_every"), train.log_every)

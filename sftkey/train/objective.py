@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from sftkey.loss import IGNORE_INDEX, loss_parts
 from sftkey.roles import PROMPT, ROLE_NAMES
+from sftkey.train.attention import varlen_kwargs
 
 NO_GRAD_CHUNK = 2048  # rows of the no-grad output layer at a time: bounds the [rows, vocab] logits
 PROBE_TOKENS = 8  # the first tokens of the first batch: the check of the sparse path costs two tiny forwards
@@ -43,10 +44,11 @@ class SparseLogitsError(ValueError):
 
 
 class LossModel(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, sparse_logits: bool = True):
+    def __init__(self, model: torch.nn.Module, sparse_logits: bool = True, varlen: bool = False):
         super().__init__()
         self.model = model  # a transformers causal LM, possibly wrapped by peft
         self.sparse_logits = sparse_logits
+        self.varlen = varlen  # flash attention: one-row packed batches get their example boundaries once per forward
         self.checked = not sparse_logits  # the sparse path is checked on the first batch, on the model's device
 
     def causal_lm(self):
@@ -58,18 +60,23 @@ class LossModel(torch.nn.Module):
 
         All inputs are [rows, width]; packed rows restart their position ids per example and pass no attention
         mask, which transformers turns into attention within each example. `use_cache=False` matters: with a
-        cache, transformers skips that packed-sequence detection and attention leaks across examples.
+        cache, transformers skips that packed-sequence detection and attention leaks across examples. Under flash
+        attention (`varlen`) a packed micro-batch is one row and the example boundaries go to every layer as
+        cumulative lengths (sftkey.train.attention.varlen_kwargs); no mask is built.
         """
         lm = self.causal_lm()
         trained = (labels != IGNORE_INDEX) & (weights != 0)  # [rows, width]
+        # flash attention: cumulative example lengths instead of transformers finding the restarts in every layer
+        varlen = varlen_kwargs(position_ids) if self.varlen and input_ids.shape[0] == 1 else {}
         if self.sparse_logits:  # hidden states [rows, width, H]; the output layer runs on selected rows only
             if not self.checked:
                 check_sparse_logits(lm, input_ids[:1, :PROBE_TOKENS], position_ids[:1, :PROBE_TOKENS])
                 self.checked = True
-            outputs = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            outputs = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                       **varlen).last_hidden_state
             head = functools.partial(output_logits, lm)
         else:  # logits [rows, width, V] for every position
-            outputs = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            outputs = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **varlen).logits
             head = torch.nn.Identity()
         logits = head(outputs[trained])  # [N, V]
         parts = loss_parts(logits, labels[trained], weights[trained], dft=dft)
@@ -112,6 +119,7 @@ def output_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+@torch.compiler.disable  # runs once, eagerly, also inside a compiled forward (train.compile: model)
 def check_sparse_logits(lm, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
     """Refuse a model whose logits `output_logits` does not reproduce on a short probe [1, tokens], no grad.
 

@@ -51,6 +51,8 @@ from sftkey.train.config import (
     training_view,
     validate,
 )
+from sftkey.train.attention import check_attn_implementation, is_flash
+from sftkey.train.compile import WarmupClock, compile_loss_model
 from sftkey.train.layout import LOCK_FILE, RunPaths, finished_stage, run_folder
 from sftkey.train.objective import LossModel
 from sftkey.train.tracking import FanoutTracker, JsonlTracker, NullTracker, Tracker
@@ -509,6 +511,7 @@ class StageRecipe:
         self.offset = run.global_offset(k)  # global step of this stage's step 0
         self.start = self.resume_from[1]["step"] if self.resume_from else 0
         self.loss_model = self.optimizer = self.scheduler = self.bar = None
+        self.warmup = WarmupClock(run.config.train.compile != "none")
         self.last_checkpoint: Path | None = None  # named when training stops on a bad step
 
     # ----------------------------------------------------------------------- set-up
@@ -519,7 +522,8 @@ class StageRecipe:
         run, train, acc = self.run, self.run.config.train, self.run.accelerator
         set_seed(_stage_seed(run.seed, self.k))
         model = self._starting_model()
-        loss_model = LossModel(model, sparse_logits=train.sparse_logits)
+        loss_model = LossModel(model, sparse_logits=train.sparse_logits,
+                               varlen=train.packing and is_flash(train.attn_implementation))
         loss_model._no_split_modules = getattr(loss_model.causal_lm(), "_no_split_modules", None)  # FSDP wraps these
         optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=self.stage.lr,
                                       betas=tuple(train.betas), eps=train.eps, fused=acc.device.type == "cuda" or None)
@@ -531,6 +535,7 @@ class StageRecipe:
         if self.resume_from:
             self._restore_schedule_and_rng()
         self.loss_model, self.optimizer = acc.prepare(loss_model, optimizer)
+        compile_loss_model(self.loss_model, train.compile)  # compiles lazily: the first step carries the warm-up
         if self.resume_from and _is_fsdp(acc):
             from accelerate.utils import load_fsdp_optimizer
 
@@ -623,6 +628,10 @@ class StageRecipe:
         tokens = int(sums.tokens)
         metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / seconds,
                    "epoch": (step + 1) / self.data.plan.steps_per_epoch} | sums.role_losses()
+        warmup = self.warmup.add(seconds, last=step + 1 == self.data.steps)
+        if warmup is not None:
+            log.info("compile warm-up: %.1f s", warmup)
+            metrics["compile_warmup_s"] = warmup
         self.run.tracker.log_metrics(metrics, step=self.offset + step + 1)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
@@ -701,7 +710,7 @@ class StageRecipe:
             "init": str(self.init_dir), "loss": self.stage.loss, "world_size": run.accelerator.num_processes,
             "precision": training_precision(run.accelerator),
             "created": time.time(),
-        }
+        } | self.warmup.meta()
 
     # ----------------------------------------------------------------------- clean-up
 
@@ -767,6 +776,7 @@ def _load_model(config: TrainConfig, folder: Path, adapter: Path | None):
     from transformers import AutoModelForCausalLM
 
     folder = _model_folder(folder)  # a checkpoint cut short fails here in one line, not inside transformers
+    check_attn_implementation(config.train.attn_implementation)  # flash attention without CUDA or its package
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
                                                  attn_implementation=config.train.attn_implementation)
     lora = config.train.lora
