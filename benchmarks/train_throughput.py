@@ -1,16 +1,22 @@
 """Training throughput: sftkey's step (packed rows, output layer on weighted tokens only) for each arm's loss,
-side by side with a plain loop on the same model and data (HF forward with labels, padded batches, loss on all
-positions). Prints tokens/s, padding share and MFU per row.
+side by side with its peers on the same model, data and batch order: TRL's `SFTTrainer` padding-free (each batch
+flattened into one row, loss on the same weighted tokens) and a plain loop (HF forward with labels, padded batches,
+loss on all positions). Prints tokens/s, padding share, MFU and each row's ratio to TRL and to the plain loop.
 
-Needs only torch, transformers and this repository (no accelerate, datasets or network), so it runs on a bare GPU box:
+Its own and the plain rows need only torch, transformers and this repository (no accelerate, datasets or network),
+so they run on a bare GPU box (the TRL row needs trl, which brings accelerate and datasets):
 
     python benchmarks/train_throughput.py --model ~/.cache/sftkey/models/SmolLM2-135M-Instruct \
         --data ../shared/data/gsm8k/train.jsonl --batch-size 32 --steps 10
 
 --random-weights builds the model from the folder's config.json (same speed; only config and tokenizer files need
 to travel). tokens/s counts real (non-pad) tokens. MFU = 6 x parameters x tokens/s / peak: the model FLOPs of a
-full forward+backward per real token (attention's sequence-length term left out), over the chip's dense bf16 peak
-on a known GPU, or on CPU over the fp32 matmul rate measured here (so CPU MFU is "of what torch.mm reaches").
+full forward+backward per real token (attention's sequence-length term left out), over the matmul rate measured
+here in fp32 (and in bf16 when --precision bf16; the higher of a measurement before and after the rows, so that a
+burst of load on a shared machine does not set the peak), and on a known GPU also over its dense bf16 datasheet peak.
+--precision runs every row in that precision (autocast; weights and optimizer state stay fp32). Without trl
+installed (`pip install -e .[bench]`) the TRL row prints why it was skipped and the ratios use the plain loop.
+--rounds N runs all rows N times in turn (interleaved, so load on a shared machine hits them alike): medians.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when it is not installed
 
+from benchmarks.peers import Row, machine, matmul_peak, mfu, skipped_row, table  # noqa: E402
 from sftkey.data import DataConfig  # noqa: E402
 from sftkey.loss import IGNORE_INDEX, LossParts, loss_spec, normalize  # noqa: E402
 from sftkey.prepare import PrepareConfig, prepare  # noqa: E402
@@ -38,6 +45,7 @@ ARMS = {  # row name -> (loss preset, preset arguments); SFT and SFT-Tag train t
     "dft": ("dft", {}),
 }
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
+PLAIN, TRL = "plain HF loop (padded, all positions)", "TRL SFTTrainer (padding-free)"
 
 
 def load(model_dir: str, random_weights: bool, device: str, attn: str):
@@ -55,25 +63,18 @@ def load(model_dir: str, random_weights: bool, device: str, attn: str):
     return model.to(device).train(), tokenizer
 
 
-def peak_flops(device: str) -> tuple[float, str]:
+def peak_flops(device: str, precision: str) -> dict[str, float]:
+    """Peaks MFU is held against, by label: the measured fp32 matmul rate, the bf16 one when running bf16, and on a
+    known GPU its dense bf16 datasheet figure."""
     import torch
 
+    peaks = {"fp32 mm": matmul_peak(device, torch.float32)}
+    if precision == "bf16":
+        peaks["bf16 mm"] = matmul_peak(device, torch.bfloat16)
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
-        for key, flops in GPU_PEAK_BF16.items():
-            if key in name:
-                return flops, f"{name} dense bf16 peak"
-        return float("nan"), f"{name}: peak unknown"
-    n, reps = 1024, 10
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5):  # best of five: a shared CPU is slowed by whatever else runs
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 * reps / best, "best measured fp32 torch.mm rate"
+        peaks.update({"datasheet bf16": flops for key, flops in GPU_PEAK_BF16.items() if key in name})
+    return peaks
 
 
 def sync(device: str) -> None:
@@ -101,13 +102,20 @@ def sftkey_rows(model, samples, plan, steps, args, spec, device, dtype):
     """sftkey's step: the library's micro-batches and LossModel, one optimizer step per global batch."""
     import torch
 
+    from sftkey.train.attention import is_flash
+    from sftkey.train.compile import compile_loss_model
     from sftkey.train.objective import LossModel
 
-    loss_model = LossModel(model, sparse_logits=not args.dense_logits)
+    loss_model = LossModel(model, sparse_logits=not args.dense_logits,
+                           varlen=not args.no_packing and is_flash(args.attn))
+    compile_loss_model(loss_model, args.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    step_seconds = []  # every step's wall time: the first one carries the compile warm-up
 
     def step(indices):
-        batch = micro_batch(samples, indices, pad_id=0, packing=not args.no_packing, pack_length=args.pack_length)
+        began = time.perf_counter()
+        batch = micro_batch(samples, indices, pad_id=0, packing=not args.no_packing, pack_length=args.pack_length,
+                            attn_implementation=args.attn)
         inputs = {k: v.to(device) for k, v in batch.tensors.items()}
         denominator = torch.tensor(sum(samples[i].weight_sum for i in indices), device=device)
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
@@ -117,9 +125,18 @@ def sftkey_rows(model, samples, plan, steps, args, spec, device, dtype):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if args.compile != "none":  # a sync per step only where the warm-up is timed
+            sync(device)
+            step_seconds.append(time.perf_counter() - began)
         return batch.tokens, batch.slots
 
-    return time_steps(step, [plan.batch(s) for s in range(steps)], args.warmup, device)
+    timed = time_steps(step, [plan.batch(s) for s in range(steps)], args.warmup, device)
+    if args.compile != "none":  # reported apart: the rows' tokens/s are the steady steps only
+        later = sorted(step_seconds[1:])
+        warmup = step_seconds[0] - (later[len(later) // 2] if later else 0.0)
+        print(json.dumps({"compile": args.compile, "compile_warmup_s": round(warmup, 2),
+                          "first_step_s": round(step_seconds[0], 2)}), file=sys.stderr)
+    return timed
 
 
 def plain_rows(model, samples, plan, steps, args, device, dtype):
@@ -145,6 +162,68 @@ def plain_rows(model, samples, plan, steps, args, device, dtype):
     return time_steps(step, [plan.batch(s) for s in range(steps)], args.warmup, device)
 
 
+def unshifted_labels(labels: list[int]) -> list[int]:
+    """sftkey's labels (position t holds the target of t, token t+1) as HF labels (position t holds token t; the
+    model shifts): the same weighted tokens, one position later."""
+    return [IGNORE_INDEX] + labels[:-1]
+
+
+def eager(model) -> None:
+    """Undo `nn.Module.compile` (in place, as --compile does) on every module: calls go to forward again."""
+    for module in model.modules():
+        module._compiled_call_impl = None
+
+
+def trl_missing() -> str:
+    """Why the TRL row cannot run, or "" when it can."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return "pip install trl"
+    return ""
+
+
+def trl_rows(model, tokenizer, samples, plan, steps, args, device, dtype):
+    """TRL's SFTTrainer, padding-free: each batch of `plan` flattened into one row, loss on sftkey's weighted
+    tokens (labels given, prompt positions -100), same optimizer settings; timed from the end of the warm-up steps
+    to the end of the last step by a callback (so its data collation is inside the timing, as for the other rows)."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    order = [i for s in range(steps) for i in plan.batch(s)]  # sequential sampling reads them in this order
+    data = Dataset.from_dict({"input_ids": [samples[i].input_ids for i in order],
+                              "labels": [unshifted_labels(samples[i].labels) for i in order]})
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            sync(device)
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *_, **__):
+            sync(device)
+            marks.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(
+            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=steps, learning_rate=1e-5,
+            weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+            padding_free=True, packing=False, max_length=None,  # max_length: examples are already cut to --max-length
+            train_sampling_strategy="sequential", bf16=dtype == torch.bfloat16, fp16=False, use_cpu=device == "cpu",
+            gradient_checkpointing=False, dataloader_num_workers=0, report_to="none", save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, seed=0,
+        )
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[Clock()])
+        trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line would land inside the table
+        trainer.train()
+    tokens = sum(len(samples[i]) for s in range(args.warmup, steps) for i in plan.batch(s))
+    return marks[-1] - marks[args.warmup], tokens, tokens  # one row, no padding
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (config.json, tokenizer; weights unless --random-weights)")
@@ -159,45 +238,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-packing", action="store_true", help="sftkey rows use one padded row per example")
     parser.add_argument("--dense-logits", action="store_true", help="sftkey rows run the output layer on every position")
     parser.add_argument("--attn", default="sdpa", help="attention implementation")
+    parser.add_argument("--compile", choices=["none", "regional", "model"], default="none",
+                        help="sftkey rows: torch.compile each decoder layer or the whole loss model (train.compile); "
+                             "the warm-up is printed apart, keep --warmup >= 1 so tokens/s are steady steps")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="every row under this autocast precision (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--rounds", type=int, default=1, help="run every row this many times, interleaved (medians)")
     args = parser.parse_args(argv)
 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     steps = args.steps + args.warmup
     model, tokenizer = load(args.model, args.random_weights, device, args.attn)
     n_params = sum(p.numel() for p in model.parameters())
     data = DataConfig("gsm8k", path=args.data, limit=args.limit or args.batch_size * steps)
     prepared = prepare(PrepareConfig(data, tagged=True, max_length=args.max_length), tokenizer)
-    peak, peak_source = peak_flops(device)
+    peaks = peak_flops(device, precision)
     host = f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, " \
            f"threads {torch.get_num_threads()}"
     print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "host": host,
-                      "dtype": str(dtype), "parameters": n_params, "examples": len(prepared.examples),
-                      "batch_size": args.batch_size, "timed_steps": args.steps, "peak_flops": peak,
-                      "peak_source": peak_source}))
+                      "machine": machine(device), "precision": precision, "parameters": n_params,
+                      "examples": len(prepared.examples), "batch_size": args.batch_size, "timed_steps": args.steps,
+                      "warmup_steps": args.warmup, "rounds": args.rounds, "peak_flops": peaks}), flush=True)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    samples, _ = stage_samples(prepared.examples, loss_spec("sft"))
-    plan = StagePlan([len(s) for s in samples], args.batch_size, seed=0, stage_index=0, bucket=False)
-    rows = [("plain HF loop (padded, all positions)",) + plain_rows(model, samples, plan, steps, args, device, dtype)]
-    for name in args.arms.split(","):
-        preset, preset_args = ARMS[name]
-        spec = loss_spec(preset, **preset_args)
-        samples, _ = stage_samples(prepared.examples, spec)
-        plan = StagePlan([len(s) for s in samples], args.batch_size, seed=0, stage_index=0, bucket=args.no_packing)
+    sft_samples, _ = stage_samples(prepared.examples, loss_spec("sft"))
+    sft_plan = StagePlan([len(s) for s in sft_samples], args.batch_size, seed=0, stage_index=0, bucket=False)
+    no_trl = trl_missing()
+    runs: dict[str, list[tuple[float, int, int]]] = {}  # row name -> (seconds, tokens, slots) per round
+    for _ in range(args.rounds):
         model.load_state_dict(initial)
-        seconds, tokens, slots = sftkey_rows(model, samples, plan, steps, args, spec, device, dtype)
-        rows.append((f"sftkey {name}", seconds, tokens, slots))
+        eager(model)  # the peers never run the layers a previous round's --compile compiled in place
+        runs.setdefault(PLAIN, []).append(plain_rows(model, sft_samples, sft_plan, steps, args, device, dtype))
+        if not no_trl:  # the SFT loss: the tokens sft_tag weights, the same batches
+            model.load_state_dict(initial)
+            runs.setdefault(TRL, []).append(trl_rows(model, tokenizer, sft_samples, sft_plan, steps, args, device, dtype))
+        for name in args.arms.split(","):
+            preset, preset_args = ARMS[name]
+            spec = loss_spec(preset, **preset_args)
+            samples, _ = stage_samples(prepared.examples, spec)
+            plan = StagePlan([len(s) for s in samples], args.batch_size, seed=0, stage_index=0, bucket=args.no_packing)
+            model.load_state_dict(initial)
+            runs.setdefault(f"sftkey {name}", []).append(sftkey_rows(model, samples, plan, steps, args, spec, device, dtype))
 
-    print("| loop | tokens/s | padding | MFU |\n|---|---|---|---|")
-    for name, seconds, tokens, slots in rows:
-        rate = tokens / seconds
-        mfu = 6 * n_params * rate / peak
-        print(f"| {name} | {rate:,.0f} | {1 - tokens / slots:.1%} | {mfu:.1%} |")
-        print(json.dumps({"loop": name, "tokens_per_s": rate, "padding_share": 1 - tokens / slots, "mfu": mfu,
-                          "seconds": seconds, "tokens": tokens}), file=sys.stderr)
+    for label, peak in peak_flops(device, precision).items():  # again: a load at the start must not set the peak
+        peaks[label] = max(peaks[label], peak)
+    rows = [skipped_row(TRL, no_trl)] if no_trl else []
+    for name, results in runs.items():
+        rates = sorted(tokens / seconds for seconds, tokens, _ in results)
+        rate = rates[len(rates) // 2]  # median (upper, for an even count)
+        tokens, slots = sum(r[1] for r in results), sum(r[2] for r in results)
+        cells = {"padding": f"{1 - tokens / slots:.1%}"}
+        cells.update({f"MFU ({label})": f"{mfu(n_params, rate, peak):.1%}" for label, peak in peaks.items()})
+        rows.append(Row(name, rate, cells=cells))
+        print(json.dumps({"loop": name, "tokens_per_s": rate, "rounds": rates, "padding_share": 1 - tokens / slots,
+                          "mfu": {label: mfu(n_params, rate, peak) for label, peak in peaks.items()}}), file=sys.stderr)
+    rows.sort(key=lambda row: (row.name != PLAIN, row.name != TRL))  # peers first
+    print(f"machine: {machine(device)}; {precision}; threads {torch.get_num_threads()}; peaks: "
+          + ", ".join(f"{label} {peak / 1e9:,.1f} GFLOP/s" for label, peak in peaks.items()))
+    print(table(rows, {"TRL": TRL, "plain": PLAIN}, ["padding", *(f"MFU ({label})" for label in peaks)]))
     return 0
 
 
