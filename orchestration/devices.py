@@ -42,18 +42,20 @@ def device_count(kind: str) -> int:
     return torch.cuda.device_count()
 
 
-def pool_limit(kind: str, num_processes: int, concurrency: int | None, cells: int = 1) -> int:
+def pool_limit(kind: str, num_processes: int, concurrency: int | None, independent_cells: int = 1) -> int:
     """Cells at once: `concurrency` when set; else one per group of `num_processes` GPUs (at least 1); on CPU one
-    single-thread process per core, at most one per cell (sftkey.train.parallel_runs.cpu_processes: on 2 cores two
-    1-thread processes did 1.9x the work of one, one 2-thread process 1.3-1.6x idle and 0.24x under load). A cell
-    waiting for another's first stage holds no slot, so the demo's two cells run side by side after stage 1."""
+    single-thread process per core, at most one per cell that starts on its own (not waiting for another's first
+    stage): sftkey.train.parallel_runs.cpu_processes. On 2 cores two 1-thread processes did 1.9x the work of one, a
+    2-thread process 1.3-1.6x idle and 0.24x under load. The demo (one independent cell) stays in process: running
+    its second cell beside the first after the shared stage 1 cost more in step processes than it saved (321 s vs
+    231 s, benchmarks/RESULTS.md)."""
     if concurrency is not None:
         return concurrency
     if kind == "cuda":
         return max(1, device_count(kind) // num_processes)
     from sftkey.train.parallel_runs import cpu_processes
 
-    return cpu_processes(cells)
+    return cpu_processes(independent_cells)
 
 
 @contextlib.contextmanager

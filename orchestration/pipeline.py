@@ -320,11 +320,13 @@ def _run_pipeline(config: PipelineConfig, echo: Callable[[str], None], instance,
 def set_pool_limit(instance, config: PipelineConfig) -> int:
     """The device pool's limit (cells at once) as the config asks; returns it. The limit is the instance's: a UI
     launch afterwards runs under the same pool."""
+    from orchestration.definitions import first_stage_owners
     from orchestration.devices import device_kind, pool_limit, pool_name
 
     compute = config.sections.compute
     kind = device_kind(compute.device)
-    limit = pool_limit(kind, compute.num_processes, compute.concurrency, len(config.arms) * len(config.seeds))
+    independent = len(config.arms) * len(config.seeds) - len(first_stage_owners(config))
+    limit = pool_limit(kind, compute.num_processes, compute.concurrency, independent)
     instance.event_log_storage.set_concurrency_slots(pool_name(kind), limit)
     return limit
 

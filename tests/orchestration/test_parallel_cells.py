@@ -81,14 +81,15 @@ def test_the_pool_limit_follows_the_config_and_the_devices():
     assert pool_limit("cuda", 1, 3) == 3  # an explicit setting wins
 
 
-@pytest.mark.parametrize("cores,memory_gb,cells,cap,limit", [
-    (2, 24, 2, None, 2),  # this project's VM and the demo's two cells: one 1-thread process per core
-    (2, 24, 1, None, 1), (2, 24, 2, "1", 1),  # one cell; $SFTKEY_CPU_PROCESSES caps it (the test suite sets 1)
+@pytest.mark.parametrize("cores,memory_gb,independent,cap,limit", [
+    (2, 24, 2, None, 2),  # this project's VM, two cells that start on their own: one 1-thread process per core
+    (2, 24, 1, None, 1),  # the demo: SFTKey-Tag waits for SFT-Tag's stage 1, so it stays in process
+    (2, 24, 2, "1", 1),  # $SFTKEY_CPU_PROCESSES caps it (the test suite sets 1)
     (16, 128, 15, None, 15), (16, 128, 21, None, 16),  # never more processes than cores
     (8, 8, 4, None, 1), (8, 16, 4, None, 2),  # nor more 135M-model cells than memory holds (6 GB each)
     (1, 64, 4, None, 1),
 ])
-def test_on_cpu_the_default_pool_runs_one_process_per_core(monkeypatch, cores, memory_gb, cells, cap, limit):
+def test_on_cpu_the_default_pool_runs_one_process_per_core(monkeypatch, cores, memory_gb, independent, cap, limit):
     import sftkey.train.parallel_runs as parallel_runs
     from orchestration.devices import pool_limit
 
@@ -97,8 +98,8 @@ def test_on_cpu_the_default_pool_runs_one_process_per_core(monkeypatch, cores, m
     monkeypatch.delenv(parallel_runs.PROCESSES_ENV, raising=False)
     if cap is not None:
         monkeypatch.setenv(parallel_runs.PROCESSES_ENV, cap)
-    assert pool_limit("cpu", 1, None, cells) == limit
-    assert pool_limit("cpu", 1, 3, cells) == 3  # compute.concurrency wins
+    assert pool_limit("cpu", 1, None, independent) == limit
+    assert pool_limit("cpu", 1, 3, independent) == 3  # compute.concurrency wins
 
 
 def test_a_cell_that_shares_its_first_stage_runs_it_after_the_owner(tiny_model_dir, tmp_path):
