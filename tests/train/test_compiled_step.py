@@ -10,7 +10,6 @@ import json
 import logging
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from sftkey.config_file import ConfigError
