@@ -82,8 +82,10 @@ def run_in_processes(command: Callable[[Cell], list[str]], cells: list[Cell], ow
                 waiting.remove(cell)
                 log = log_of(cell)
                 log.parent.mkdir(parents=True, exist_ok=True)
-                with open(log, "w", encoding="utf-8") as out:
-                    running[cell] = subprocess.Popen(command(cell), env=env, stdout=out, stderr=subprocess.STDOUT)
+                with open(log, "w", encoding="utf-8") as out:  # own session: a terminal's Ctrl-C reaches the
+                    # children once, through this process, not twice (a second SIGINT could cut their run.json update)
+                    running[cell] = subprocess.Popen(command(cell), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                     start_new_session=True)
                 echo(f"{cell[0]} seed {cell[1]}: started (pid {running[cell].pid}, log {log})")
             if failed is not None and not running:
                 break

@@ -4,6 +4,8 @@ the slow test trains three tiny arms two at a time and gets the weights of one p
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -116,3 +118,48 @@ def test_two_processes_train_three_arms_to_the_weights_of_one_process(tiny_model
         assert [name for name in one if not torch.equal(one[name], two[name])] == [], arm
     reused = (tmp_path / "jobs2" / "sftkey_tag" / "seed0" / "run.json").read_text()
     assert "reused_from" in reused  # its stage 1 is sft_tag's, not trained a second time
+
+
+RUNNER = """
+import sys
+from pathlib import Path
+from sftkey.train.parallel_runs import run_in_processes
+folder = Path(sys.argv[1])
+child = (
+    "import signal, sys, time\\n"
+    "from pathlib import Path\\n"
+    "out = Path(sys.argv[1])\\n"
+    "def got(signum, frame):\\n"
+    "    with open(out, 'a') as f: f.write(signal.Signals(signum).name + '\\\\n')\\n"
+    "signal.signal(signal.SIGINT, got); signal.signal(signal.SIGTERM, got)\\n"
+    "out.with_suffix('.ready').touch()\\n"
+    "deadline = time.time() + 60\\n"
+    "while not out.exists() and time.time() < deadline: time.sleep(0.01)\\n"
+    "time.sleep(0.5)\\n"  # a second signal in this time (a run's cleanup) would be written too
+    "sys.exit(130)\\n"
+)
+code = run_in_processes(lambda cell: [sys.executable, "-c", child, str(folder / cell[0])], [("a", 0), ("b", 0)], {}, 2,
+                        lambda cell: folder / "logs" / f"{cell[0]}.log", lambda line: None)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("signum,code,group", [(signal.SIGINT, 130, True), (signal.SIGINT, 130, False),
+                                               (signal.SIGTERM, 143, False)], ids=["Ctrl-C", "SIGINT", "SIGTERM"])
+def test_a_signal_to_the_runner_reaches_each_run_once_and_sets_the_exit_code(tmp_path, signum, code, group):
+    """SIGINT/SIGTERM to the runner, or Ctrl-C to its terminal's whole process group: each run handles the signal
+    once and the runner exits 130/143 after them. (The runs have sessions of their own so that a group-wide Ctrl-C
+    does not reach them twice; two SIGINTs microseconds apart usually coalesce, so this cannot show that part.)"""
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path)], cwd=REPO, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not ((tmp_path / "a.ready").exists() and (tmp_path / "b.ready").exists()):
+        assert runner.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    if group:
+        os.killpg(runner.pid, signum)  # as a terminal does
+    else:
+        runner.send_signal(signum)
+    assert runner.wait(timeout=60) == code
+    name = signal.Signals(signum).name
+    assert [(tmp_path / arm).read_text() for arm in ("a", "b")] == [f"{name}\n", f"{name}\n"]  # once each
