@@ -39,6 +39,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+EXTRA_EOS = [141, 150]  # tokens the varied tiny model emits at different steps: rows stop at different times
+
+
+@pytest.fixture(scope="module")  # per module: a backend may change the model it is given
+def model_and_tokenizer(tiny_model_dir):
+    """The tiny model with larger random weights (varied outputs instead of one repeated token) and extra eos ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *EXTRA_EOS]
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sftkey.generate import STOP_EOS, STOP_LENGTH, GenerationConfig, generate, generate_batches, stop_token_ids
 from sftkey.tokenize import format_prompt
@@ -17,23 +16,6 @@ QUESTIONS = [
     "12 * 3 = 36",
 ]
 MAX_NEW = 30
-EXTRA_EOS = [141, 150]  # tokens this random model emits at different steps: rows stop at different times
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    """The tiny model with larger random weights (varied outputs instead of one repeated token) and extra eos ids."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *EXTRA_EOS]
-    return model, tokenizer
 
 
 def prompts(tokenizer) -> list[tuple[str, str]]:

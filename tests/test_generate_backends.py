@@ -7,12 +7,13 @@ import dataclasses
 import sys
 
 import pytest
-import torch
 
 from sftkey.config_file import ConfigError
 from sftkey.generate import STOP_EOS, STOP_LENGTH, GenerationConfig, generate, stop_token_ids
 from sftkey.generate_backends import BACKENDS, cpu_num_blocks, split_at_stop
 from sftkey.tokenize import format_prompt
+
+from test_generate import MAX_NEW
 
 QUESTIONS = [
     "What is 2+2?",
@@ -23,25 +24,7 @@ QUESTIONS = [
     "12 * 3 = 36",
     "( 76.0 - 25.0 ) = 51",
 ]
-MAX_NEW = 30
-EXTRA_EOS = [141, 150]  # tokens this random model emits at different steps: rows stop at different times
 CPU_BACKENDS = ("sftkey", "static", "continuous")
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    """The tiny model with larger random weights (varied outputs, not one repeated token) and extra eos ids."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *EXTRA_EOS]
-    return model, tokenizer
 
 
 def prompts(tokenizer) -> list[tuple[str, str]]:
