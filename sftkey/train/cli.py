@@ -1,8 +1,9 @@
 """`sftkey train --config configs/X.yaml [--set key=value ...] [--resume] [--arm NAME] [--seed N] [--prepared DIR]
-[--tracking-uri URI [--experiment NAME]]`.
+[--jobs N] [--tracking-uri URI [--experiment NAME]]`.
 
 Runs every arm x seed of the config (or the chosen ones), each in `{output_dir}/{arm}/seed{seed}/`, with a progress
-bar. Under `accelerate launch` or `torchrun` every process runs this same command (data parallel). With a tracking
+bar. On a CPU, runs that do not wait for another's first stage go to single-thread processes, one per core
+(sftkey.train.parallel_runs; `--jobs 1` keeps them in this process). Under `accelerate launch` or `torchrun` every process runs this same command (data parallel). With a tracking
 URI (or MLFLOW_TRACKING_URI) each arm x seed is also one MLflow run with live step metrics, logged by the main
 process through orchestration.telemetry (imported only then: the library never imports mlflow).
 """
