@@ -14,16 +14,9 @@ from sftkey.generate_backends import BACKENDS, cpu_num_blocks, split_at_stop
 from sftkey.tokenize import format_prompt
 
 from test_generate import MAX_NEW
+from test_generate import QUESTIONS as LOOP_QUESTIONS
 
-QUESTIONS = [
-    "What is 2+2?",
-    "Natalia sold clips to 48 of her friends in April. How many?",
-    "x",
-    "Weng earns $12 an hour for babysitting.",
-    "abc def",
-    "12 * 3 = 36",
-    "( 76.0 - 25.0 ) = 51",
-]
+QUESTIONS = [*LOOP_QUESTIONS, "( 76.0 - 25.0 ) = 51"]  # one more: a last batch of one row with batch 3
 CPU_BACKENDS = ("sftkey", "static", "continuous")
 
 

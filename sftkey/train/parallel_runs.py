@@ -73,7 +73,7 @@ def run_in_processes(command: Callable[[Cell], list[str]], cells: list[Cell], ow
     owners = {cell: owner for cell, owner in owners.items() if owner in cells}  # an owner left out is not waited for
     waiting, running, done, failed = list(cells), {}, set(), None
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # one core each: processes, not threads, share the CPU
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt_as_terminate)
+    previous = signal.signal(signal.SIGTERM, _raise_terminate)
     try:
         while waiting or running:
             for cell in [c for c in waiting if failed is None and len(running) < jobs and owners.get(c, c) in done | {c}]:
@@ -120,7 +120,7 @@ class _Terminate(Exception):
     pass
 
 
-def _raise_keyboard_interrupt_as_terminate(signum, frame) -> None:
+def _raise_terminate(signum, frame) -> None:
     raise _Terminate()
 
 
