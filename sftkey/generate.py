@@ -38,6 +38,10 @@ class GenerationConfig:
     temperature: float = field(default=0.0, metadata={"help": "0: greedy; > 0: sample from softmax(logits / temperature)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler (unused when greedy)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    threads: int | None = field(default=None, metadata={
+        "help": "greedy on a CPU with backend sftkey: batches run on this many threads at once (one torch thread "
+                "each); the outputs do not depend on it (each batch is computed alone). None: one per core "
+                "($SFTKEY_CPU_THREADS caps it)"})
     backend: str = field(default="sftkey", metadata={
         "help": "sftkey (this loop; fastest on CPU), static (static KV cache, CUDA graphs on GPU), continuous "
                 "(transformers' continuous batching, paged attention) or vllm (when installed); greedy outputs "
@@ -48,6 +52,8 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (None: one per core), got {self.threads}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         from sftkey.generate_backends import BACKENDS

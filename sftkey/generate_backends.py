@@ -4,7 +4,8 @@ Every backend takes token-id prompts and yields `(prompt indices, new token ids,
 ids end with the closing eos when the stop reason is STOP_EOS. `sftkey.generate.generate_batches` turns them
 into the same Generation records whichever backend ran, so scoring, resume and outputs.jsonl do not change.
 
-- sftkey: the eager loop of sftkey.generate (drops finished rows; the default, fastest on CPU).
+- sftkey: the eager loop of sftkey.generate (drops finished rows; the default, fastest on CPU, where greedy
+  batches run on one thread per core: sftkey.cpu_threads).
 - static: a StaticCache of fixed shape per run; finished rows keep their slot, masked. On CUDA the decode step
   is compiled with CUDA graphs (torch.compile mode="reduce-overhead"); on CPU it runs eagerly.
 - continuous: transformers' continuous batching (paged attention): requests join and leave the running batch
@@ -18,6 +19,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Iterator
 
+from sftkey.cpu_threads import ordered_map
 from sftkey.generate import STOP_EOS, STOP_LENGTH
 
 if TYPE_CHECKING:
@@ -64,8 +66,12 @@ def run_backend(name: str, model, ids: list[list[int]], order: list[int], stops:
     from sftkey.generate import generate_ids
 
     if name == "sftkey":
-        for batch in _chunks(order, config.batch_size):
-            yield (batch, *generate_ids(model, [ids[i] for i in batch], stops, pad_id, config, generator))
+        batches = list(_chunks(order, config.batch_size))
+
+        def answer(batch: list[int]) -> Chunk:
+            return (batch, *generate_ids(model, [ids[i] for i in batch], stops, pad_id, config, generator))
+
+        yield from ordered_map(answer, batches, batch_threads(config, model, len(batches)))
     elif name == "static":
         yield from static_batches(model, ids, order, stops, pad_id, config, generator)
     elif name == "continuous":
@@ -74,6 +80,16 @@ def run_backend(name: str, model, ids: list[list[int]], order: list[int], stops:
         yield from vllm_batches(model, ids, order, stops, config)
     else:
         raise ValueError(f"unknown generation backend {name!r}")
+
+
+def batch_threads(config: "GenerationConfig", model, batches: int) -> int:
+    """Threads for the sftkey loop's batches: config.threads (None: one per core) when greedy on a CPU, at most
+    one per batch; 1 when sampling (one seeded generator, drawn from in batch order) or on a GPU (one stream)."""
+    from sftkey.cpu_threads import cpu_threads
+
+    if config.temperature > 0 or next(model.parameters()).device.type != "cpu":
+        return 1
+    return min(cpu_threads(config.threads), batches)
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

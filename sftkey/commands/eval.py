@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="cap on new tokens per answer (default: the data set's, e.g. gsm8k 512, math500 1024)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="questions per generation batch")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="greedy on a CPU: batches answered at once, one core each (default: one per core); "
+                             "the outputs do not depend on it")
     parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
                         help="generation engine: sftkey (default; fastest on CPU), static (static KV cache, CUDA "
                              "graphs on GPU), continuous (transformers' continuous batching), vllm (when installed)")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         annotation=annotation_config(answer_regex=args.answer_regex),
         generation=GenerationConfig(
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
-            seed=args.sampling_seed, progress=not args.no_progress, backend=args.backend,
+            seed=args.sampling_seed, progress=not args.no_progress, backend=args.backend, threads=args.threads,
         ),
         out=args.out,
         tagged=None if args.format is None else args.format == "tagged",
@@ -72,6 +75,8 @@ def check_generation_flags(args: argparse.Namespace) -> None:
         raise EvalError(f"--max-new-tokens {args.max_new_tokens}: give at least 1 (or leave it out: the data set's cap)")
     if args.batch_size < 1:
         raise EvalError(f"--batch-size {args.batch_size}: give at least 1 question per batch")
+    if args.threads is not None and args.threads < 1:
+        raise EvalError(f"--threads {args.threads}: give at least 1 (or leave it out: one per core)")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise EvalError(f"--temperature {args.temperature}: give a finite number >= 0 (0: greedy)")
 

@@ -1,8 +1,9 @@
 """Several arm x seed runs at once on a CPU: one single-thread `sftkey train` process per core.
 
 On the 2-core VM of this project two 1-thread processes did 1.9x the work of one, a 2-thread process 1.3-1.6x
-(benchmarks/RESULTS.md, "CPU parallelism"), so independent runs go to processes, not threads. A run whose first
-stage is another run's (SFTKey-Tag's stage 1 is SFT-Tag's) starts after that run and reuses its checkpoint.
+(benchmarks/RESULTS.md, "CPU parallelism"), so independent runs go to processes; the cores left over (more cores
+than runs) go to each run's work threads (sftkey.cpu_threads). A run whose first stage is another run's
+(SFTKey-Tag's stage 1 is SFT-Tag's) starts after that run and reuses its checkpoint.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from sftkey.cpu_threads import THREADS_ENV, cpu_cores
+
 # A 135M model's training step on CPU peaks at 3-7 GB resident (benchmarks/train_throughput.py): processes at once
 # are bounded by memory as well as by cores.
 CPU_RUN_MEMORY_GB = 6
 POLL_S = 0.2
 
 Cell = tuple[str, int]  # (arm, seed)
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (the affinity mask: a container's or taskset's share, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def memory_gb() -> int:
@@ -72,7 +70,8 @@ def run_in_processes(command: Callable[[Cell], list[str]], cells: list[Cell], ow
     is 130/143 once they have ended (each marks its own run.json)."""
     owners = {cell: owner for cell, owner in owners.items() if owner in cells}  # an owner left out is not waited for
     waiting, running, done, failed = list(cells), {}, set(), None
-    env = os.environ | {"OMP_NUM_THREADS": "1"}  # one core each: processes, not threads, share the CPU
+    # one torch thread each; the cores left over go to each run's work threads (sftkey.cpu_threads)
+    env = os.environ | {"OMP_NUM_THREADS": "1", THREADS_ENV: str(max(1, cpu_cores() // jobs))}
     previous = signal.signal(signal.SIGTERM, _raise_terminate)
     try:
         while waiting or running:
