@@ -220,13 +220,23 @@ def micro_batch(samples: Sequence[Sample], indices: Sequence[int], pad_id: int, 
     """The examples `indices` as one micro-batch: packed into rows (one row where the attention needs it, with no
     length cap), or one padded row each."""
     chosen = [samples[i] for i in indices]
+    return collate(chosen, _rows(chosen, packing, pack_length, attn_implementation), pad_id)
+
+
+def row_shards(samples: Sequence[Sample], indices: Sequence[int], pad_id: int, packing: bool,
+               pack_length: int, attn_implementation: str = "sdpa") -> list[MicroBatch]:
+    """The rows of micro_batch(...), each a micro-batch of its own: pieces of a step whose gradients are computed
+    alone and summed in row order (on a CPU, on as many threads as there are cores, with the same result)."""
+    chosen = [samples[i] for i in indices]
+    return [collate(chosen, [row], pad_id) for row in _rows(chosen, packing, pack_length, attn_implementation)]
+
+
+def _rows(chosen: Sequence[Sample], packing: bool, pack_length: int, attn_implementation: str) -> list[list[int]]:
     if packing and packs_into_one_row(attn_implementation):
-        rows = [list(range(len(chosen)))]
-    elif packing:
-        rows = pack_rows([len(s) for s in chosen], pack_length)
-    else:
-        rows = [[i] for i in range(len(chosen))]
-    return collate(chosen, rows, pad_id)
+        return [list(range(len(chosen)))]
+    if packing:
+        return pack_rows([len(s) for s in chosen], pack_length)
+    return [[i] for i in range(len(chosen))]
 
 
 def padding_share(batches: Sequence[MicroBatch]) -> float:

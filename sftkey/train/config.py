@@ -31,6 +31,8 @@ MAX_EPOCHS = 1000
 MAX_STEPS = 10_000_000
 # Keys that change what is written or how often, never the weights: a resume may change them.
 BOOKKEEPING_KEYS = ("save_every", "keep_last", "keep_final_only", "log_every")
+# `train:` keys that change how fast the same weights come, not which: left out of a stage's identity too
+SPEED_KEYS = ("cpu_threads",)
 # `train:` keys that are only defaults of a stage's own keys (see resolve_stage)
 STAGE_DEFAULT_KEYS = ("lr", "schedule", "warmup_epochs", "warmup_steps")
 
@@ -78,6 +80,11 @@ class TrainSettings:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
     fsdp: bool = field(default=False, metadata={"help": "shard the model with FSDP (accelerate) when it does not fit one GPU"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention: sdpa, eager or flash_attention_2. sdpa, eager and flex_attention keep packed examples apart in every row; under any other, packing puts each micro-batch in one row (pack_length does not cap it)"})
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "on a CPU each row of a micro-batch is a piece of the step, its gradient computed alone and summed in "
+                "row order; pieces run on this many threads (one torch thread each). The weights do not depend on "
+                "it. null: one per core ($SFTKEY_CPU_THREADS caps it); 1 thread under several processes, "
+                "compile or gradient checkpointing"})
     compile: str = field(default="none", metadata={"help": "torch.compile the training forward: none, regional (each decoder layer; short warm-up) or model (the whole loss model); dynamic shapes, the warm-up is logged and recorded as compile_warmup_s"})
     lora: LoraSettings | None = field(default=None, metadata={"help": "null: full fine-tuning"})
 
@@ -194,6 +201,8 @@ def validate(config: TrainConfig) -> None:
         raise located_error(src, ("seeds",), f"give a list of distinct integers, got {config.seeds}")
     _positive_int(src, ("train", "batch_size"), train.batch_size)
     _positive_int(src, ("train", "grad_accum"), train.grad_accum)
+    if train.cpu_threads is not None:
+        _positive_int(src, ("train", "cpu_threads"), train.cpu_threads)
     if train.batch_size % train.grad_accum:
         raise located_error(src, ("train", "batch_size"), f"{train.batch_size} is not divisible by train.grad_accum {train.grad_accum}")
     _learning_rate(src, ("train", "lr"), train.lr)
@@ -328,7 +337,7 @@ def training_view(config: TrainConfig, arm: str, seed: int) -> dict:
     view = run_config(config, arm, seed)
     del view["output_dir"]
     del view["model_fallback"]
-    for key in BOOKKEEPING_KEYS:
+    for key in BOOKKEEPING_KEYS + SPEED_KEYS:
         del view["train"][key]
     view["arms"][arm]["stages"] = [dataclasses.asdict(resolve_stage(config, s)) for s in config.arms[arm].stages]
     return view

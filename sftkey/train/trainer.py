@@ -34,12 +34,14 @@ import torch
 
 from sftkey.atomic import write_text
 from sftkey.config_file import ConfigError, dump_yaml, first_difference
+from sftkey.cpu_threads import ordered_map
 from sftkey.errors import UserError
 from sftkey.loss import LossParts, normalize
 from sftkey.models import ResolvedModel, identity_params, resolve_base_model
 from sftkey.roles import ROLE_NAMES
 from sftkey.train import checkpoint as ckpt
-from sftkey.train.batching import Sample, StagePlan, micro_batch, rank_micro_batches, stage_samples, stage_steps, warmup_steps
+from sftkey.train.batching import (MicroBatch, Sample, StagePlan, micro_batch, rank_micro_batches, row_shards,
+                                   stage_samples, stage_steps, warmup_steps)
 from sftkey.train.config import (
     ResolvedStage,
     TrainConfig,
@@ -511,6 +513,8 @@ class StageRecipe:
         self.offset = run.global_offset(k)  # global step of this stage's step 0
         self.start = self.resume_from[1]["step"] if self.resume_from else 0
         self.loss_model = self.optimizer = self.scheduler = self.bar = None
+        self.trainable: list[torch.nn.Parameter] = []
+        self.threads = 1  # work threads of a step's pieces (step_threads)
         self.warmup = WarmupClock(run.config.train.compile != "none")
         self.last_checkpoint: Path | None = None  # named when training stops on a bad step
 
@@ -536,6 +540,8 @@ class StageRecipe:
             self._restore_schedule_and_rng()
         self.loss_model, self.optimizer = acc.prepare(loss_model, optimizer)
         compile_loss_model(self.loss_model, train.compile)  # compiles lazily: the first step carries the warm-up
+        self.trainable = [p for p in self.loss_model.parameters() if p.requires_grad]
+        self.threads = step_threads(train, acc)
         if self.resume_from and _is_fsdp(acc):
             from accelerate.utils import load_fsdp_optimizer
 
@@ -607,21 +613,40 @@ class StageRecipe:
 
     def _accumulate(self, batch: list[int], weight_sum: torch.Tensor, token_count: torch.Tensor,
                     all_roles: bool) -> StepSums:
-        """Forward and backward over this process's micro-batches of the global batch; their sums."""
+        """Forward and backward over this process's pieces of the global batch (its micro-batches; on a CPU each
+        row of them); their sums. Gradients add up in piece order, whether the pieces run one after another or on
+        work threads, so the weights are the same for any number of threads."""
         run, train, acc = self.run, self.run.config.train, self.run.accelerator
         world, pad_id = acc.num_processes, run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+        by_row = acc.device.type == "cpu"
+        pieces = [piece for indices in rank_micro_batches(batch, world, train.grad_accum, acc.process_index)
+                  for piece in (row_shards if by_row else _one_piece)(
+                      self.data.samples, indices, pad_id, train.packing, train.pack_length, train.attn_implementation)]
+
+        def scaled_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
+            # DDP averages gradients over processes; the sum over processes is what the global batch needs.
+            return normalize(LossParts(out["total"], weight_sum, token_count), train.normalizer) * world
+
+        def forward(piece: MicroBatch) -> dict[str, torch.Tensor]:
+            inputs = {name: t.to(acc.device) for name, t in piece.tensors.items()}
+            return self.loss_model(**inputs, dft=self.spec.dft, all_roles=all_roles)
+
         sums = StepSums.zeros()
-        micro = rank_micro_batches(batch, world, train.grad_accum, acc.process_index)
-        for a, indices in enumerate(micro):
-            mb = micro_batch(self.data.samples, indices, pad_id, train.packing, train.pack_length,
-                             train.attn_implementation)
-            inputs = {name: t.to(acc.device) for name, t in mb.tensors.items()}
-            sync = contextlib.nullcontext() if a == len(micro) - 1 else acc.no_sync(self.loss_model)
+        if self.threads > 1 and len(pieces) > 1:
+            def gradient(piece: MicroBatch):
+                out = forward(piece)
+                return out, torch.autograd.grad(scaled_loss(out), self.trainable, allow_unused=True)
+
+            for piece, (out, grads) in zip(pieces, ordered_map(gradient, pieces, self.threads)):
+                add_gradients(self.trainable, grads)  # what backward() does to .grad, in piece order
+                sums.add(out, piece.tokens)
+            return sums
+        for a, piece in enumerate(pieces):
+            sync = contextlib.nullcontext() if a == len(pieces) - 1 else acc.no_sync(self.loss_model)
             with sync:
-                out = self.loss_model(**inputs, dft=self.spec.dft, all_roles=all_roles)
-                # DDP averages gradients over processes; the sum over processes is what the global batch needs.
-                acc.backward(normalize(LossParts(out["total"], weight_sum, token_count), train.normalizer) * world)
-            sums.add(out, mb.tokens)
+                out = forward(piece)
+                acc.backward(scaled_loss(out))
+            sums.add(out, piece.tokens)
         return sums
 
     def _log(self, step: int, loss: float, lr: float, grad_norm: float, sums: StepSums, seconds: float) -> None:
@@ -718,6 +743,32 @@ class StageRecipe:
         if self.bar is not None:  # closed before any error line is printed, not at garbage collection after it
             self.bar.close()
         self.run.accelerator.free_memory()
+
+
+def step_threads(train, accelerator) -> int:
+    """Work threads for a step's pieces: train.cpu_threads (null: one per core) on a CPU in one process; 1 where
+    the pieces need backward() itself (DDP's hooks, DeepSpeed, compiled graphs, reentrant checkpointing)."""
+    from sftkey.cpu_threads import cpu_threads
+
+    if (accelerator.device.type != "cpu" or accelerator.num_processes > 1 or _is_fsdp(accelerator)
+            or train.compile != "none" or train.gradient_checkpointing):
+        return 1
+    return cpu_threads(train.cpu_threads)
+
+
+def _one_piece(samples, indices, pad_id, packing, pack_length, attn_implementation) -> list[MicroBatch]:
+    return [micro_batch(samples, indices, pad_id, packing, pack_length, attn_implementation)]
+
+
+def add_gradients(params: list[torch.nn.Parameter], grads: tuple[torch.Tensor | None, ...]) -> None:
+    """Accumulate one piece's gradients into .grad as backward() would (the first one set, the next ones added)."""
+    for param, grad in zip(params, grads):
+        if grad is None:  # not used by this piece
+            continue
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
