@@ -530,7 +530,10 @@ class StageRecipe:
                                varlen=train.packing and is_flash(train.attn_implementation))
         loss_model._no_split_modules = getattr(loss_model.causal_lm(), "_no_split_modules", None)  # FSDP wraps these
         optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=self.stage.lr,
-                                      betas=tuple(train.betas), eps=train.eps, fused=acc.device.type == "cuda" or None)
+                                      betas=tuple(train.betas), eps=train.eps,
+                                      # one kernel over all tensors: on this project's 2-vCPU VM 0.23 s a step for
+                                      # 135M parameters where the default (foreach) took 1.0 s
+                                      fused=acc.device.type in ("cuda", "cpu") or None)
         data, schedule = self.data, self.stage.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, data.steps, data.warmup, schedule))
