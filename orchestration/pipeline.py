@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 from orchestration.config import PipelineConfig, resources
 from orchestration.definitions import PIPELINE_JOB
 from orchestration.tracking import MlflowTracker, process_alive, redact, redact_values
+from sftkey.cpu_threads import THREADS_ENV, cpu_cores
 from sftkey.errors import UserError
 
 CONSOLE_LOG_LEVEL = "WARNING"  # Dagster's per-event DEBUG lines drown the summary; `--verbose` shows them
@@ -347,10 +348,28 @@ def execute(config: PipelineConfig, instance, name: str, parent: str, tracking_u
     run_config = {"execution": {"config": executor}, "loggers": {"console": {"config": {"log_level": log_level}}}}
     job = dg.build_reconstructable_job("orchestration.definitions", "pipeline_job",
                                        reconstructable_args=(run_spec(config, name, parent, tracking_uri),))
-    with dg.execute_job(job, instance=instance, run_config=run_config, raise_on_error=False,
+    # cells side by side share the cores: each step's work threads (sftkey.cpu_threads) get its share. Speed only:
+    # no result depends on the thread count. (A forkserver started by an earlier run in this process keeps its share.)
+    share = {} if in_process else {THREADS_ENV: str(max(1, cpu_cores() // limit))}
+    with scoped_environ(share), dg.execute_job(job, instance=instance, run_config=run_config, raise_on_error=False,
                         tags={PIPELINE_RUN_TAG: name, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
                         ) as outcome:
         return outcome
+
+
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str]):
+    """os.environ with `values` set for the block, then as it was."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def load_value(config: PipelineConfig, res: dict, instance, asset: str):

@@ -4,6 +4,7 @@ would start them together: the pool is what holds one back)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -146,3 +147,16 @@ def test_a_device_lease_never_hands_one_gpu_to_two_steps(tmp_path, monkeypatch):
             pass
     with devices.lease(tmp_path, "cpu", 1) as none:
         assert none == []
+
+
+def test_the_cores_share_of_cells_side_by_side_is_set_for_the_run_only(monkeypatch):
+    from orchestration.pipeline import scoped_environ
+    from sftkey.cpu_threads import THREADS_ENV, cpu_threads
+
+    monkeypatch.setenv("SFTKEY_TEST_KEPT", "before")
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        with scoped_environ({THREADS_ENV: "1", "SFTKEY_TEST_KEPT": "during"}):
+            assert cpu_threads() == 1  # each step's work threads: its share of the cores
+            raise RuntimeError("a step failed")
+    assert THREADS_ENV not in os.environ and os.environ["SFTKEY_TEST_KEPT"] == "before"
