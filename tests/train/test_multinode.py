@@ -66,6 +66,7 @@ def test_two_machines_reproduce_the_single_process_run(single_run, rdzv, tmp_pat
     assert yaml.safe_load((final / "sftkey.json").read_text())["world_size"] == 2
     mn_weights = load_file(str(final / "model.safetensors"))
     single_weights = load_file(str(single_final / "model.safetensors"))
-    # float rounding only (measured 4e-6: Adam's 1/sqrt(v) magnifies ~1e-9 gradient differences); 4 steps of lr 1e-3
-    # move weights ~4e-3
-    assert max((mn_weights[n] - single_weights[n]).abs().max().item() for n in single_weights) < 1e-5
+    # float rounding only (measured 4e-6 with foreach AdamW and one forward per micro-batch, 1.1e-5 with fused AdamW
+    # and one piece per row: Adam's 1/sqrt(v) magnifies ~1e-9 gradient differences); 4 steps of lr 1e-3 move
+    # weights ~4e-3, and a lost or doubled gradient by ~1e-3
+    assert max((mn_weights[n] - single_weights[n]).abs().max().item() for n in single_weights) < 5e-5
