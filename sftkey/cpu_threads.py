@@ -1,8 +1,8 @@
-"""Work threads on a CPU: independent pieces of one job (the rows of a training step, the batches of a generation
-run) each on a thread of its own with one torch thread, so every core computes.
+"""Work threads on a CPU: independent pieces of one job (the examples of a training step, the batches of a
+generation run) each on a thread of its own with one torch thread, so every core computes.
 
 torch releases the GIL inside its kernels, so two Python threads keep two cores busy. On this project's 2-vCPU
-EPYC (SmolLM2-135M, fp32, idle machine) two rows of a training step on two threads ran 1.60x one thread, two
+EPYC (SmolLM2-135M, fp32, idle machine) two pieces of a training step on two threads ran 1.60x one thread, two
 generation batches 1.69x, where one process with two torch threads ran 1.57x / 1.30x idle and 0.24x under load
 (benchmarks/RESULTS.md). Results never depend on the thread count: each piece is computed alone, the same way
 on any number of threads, and combined in a fixed order by the caller.
@@ -25,6 +25,14 @@ R = TypeVar("R")
 def cpu_cores() -> int:
     """Cores this process may run on (the affinity mask: a container's or taskset's share, not the host's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def cpu_threads(setting: int | None = None) -> int:
@@ -75,3 +83,15 @@ def ordered_map(work: Callable[[T], R], items: Iterable[T], threads: int) -> Ite
         finally:
             for future in pending:  # a failure or an early stop: the pieces not started are dropped
                 future.cancel()
+
+
+def add_gradients(params: list, grads: tuple) -> None:
+    """Accumulate one piece's gradients (torch.autograd.grad's) into .grad as backward() would: the first piece's
+    set, the next ones added in place. Called in piece order, it gives backward()'s sums bit for bit."""
+    for param, grad in zip(params, grads):
+        if grad is None:  # not used by this piece
+            continue
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)

@@ -223,12 +223,13 @@ def micro_batch(samples: Sequence[Sample], indices: Sequence[int], pad_id: int, 
     return collate(chosen, _rows(chosen, packing, pack_length, attn_implementation), pad_id)
 
 
-def row_shards(samples: Sequence[Sample], indices: Sequence[int], pad_id: int, packing: bool,
-               pack_length: int, attn_implementation: str = "sdpa") -> list[MicroBatch]:
-    """The rows of micro_batch(...), each a micro-batch of its own: pieces of a step whose gradients are computed
-    alone and summed in row order (on a CPU, on as many threads as there are cores, with the same result)."""
-    chosen = [samples[i] for i in indices]
-    return [collate(chosen, [row], pad_id) for row in _rows(chosen, packing, pack_length, attn_implementation)]
+def example_pieces(samples: Sequence[Sample], indices: Sequence[int], pad_id: int) -> list[MicroBatch]:
+    """Each example of a micro-batch as a micro-batch of its own (no padding, attention inside it as packing keeps
+    it): pieces of a step whose gradients are computed alone and summed in example order, on a CPU on one thread
+    per core with the same result. Many pieces, longest first, so the threads stay evenly busy: a thread that ends
+    a piece waits only for the (longer) one before it."""
+    longest_first = sorted(indices, key=lambda i: -len(samples[i]))  # stable: ties keep the batch's order
+    return [collate([samples[i]], [[0]], pad_id) for i in longest_first]
 
 
 def _rows(chosen: Sequence[Sample], packing: bool, pack_length: int, attn_implementation: str) -> list[list[int]]:

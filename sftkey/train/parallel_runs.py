@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sftkey.cpu_threads import THREADS_ENV, cpu_cores
+from sftkey.cpu_threads import THREADS_ENV, cpu_cores, memory_bytes
 
 # A 135M model's training step on CPU peaks at 3-7 GB resident (benchmarks/train_throughput.py): processes at once
 # are bounded by memory as well as by cores.
@@ -28,10 +28,7 @@ Cell = tuple[str, int]  # (arm, seed)
 
 
 def memory_gb() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
-    except (ValueError, OSError, AttributeError):
-        return CPU_RUN_MEMORY_GB  # unknown: as if there were room for one run
+    return memory_bytes() // 2**30 or CPU_RUN_MEMORY_GB  # unknown: as if there were room for one run
 
 
 PROCESSES_ENV = "SFTKEY_CPU_PROCESSES"  # at most this many (a shared machine, or a test suite that wants one)

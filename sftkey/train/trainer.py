@@ -34,13 +34,13 @@ import torch
 
 from sftkey.atomic import write_text
 from sftkey.config_file import ConfigError, dump_yaml, first_difference
-from sftkey.cpu_threads import ordered_map
+from sftkey.cpu_threads import add_gradients, cpu_threads, memory_bytes, ordered_map
 from sftkey.errors import UserError
 from sftkey.loss import LossParts, normalize
 from sftkey.models import ResolvedModel, identity_params, resolve_base_model
 from sftkey.roles import ROLE_NAMES
 from sftkey.train import checkpoint as ckpt
-from sftkey.train.batching import (MicroBatch, Sample, StagePlan, micro_batch, rank_micro_batches, row_shards,
+from sftkey.train.batching import (MicroBatch, Sample, StagePlan, example_pieces, micro_batch, rank_micro_batches,
                                    stage_samples, stage_steps, warmup_steps)
 from sftkey.train.config import (
     ResolvedStage,
@@ -544,7 +544,7 @@ class StageRecipe:
         self.loss_model, self.optimizer = acc.prepare(loss_model, optimizer)
         compile_loss_model(self.loss_model, train.compile)  # compiles lazily: the first step carries the warm-up
         self.trainable = [p for p in self.loss_model.parameters() if p.requires_grad]
-        self.threads = step_threads(train, acc)
+        self.threads = step_threads(train, acc, sum(p.numel() * p.element_size() for p in self.trainable))
         if self.resume_from and _is_fsdp(acc):
             from accelerate.utils import load_fsdp_optimizer
 
@@ -617,14 +617,12 @@ class StageRecipe:
     def _accumulate(self, batch: list[int], weight_sum: torch.Tensor, token_count: torch.Tensor,
                     all_roles: bool) -> StepSums:
         """Forward and backward over this process's pieces of the global batch (its micro-batches; on a CPU each
-        row of them); their sums. Gradients add up in piece order, whether the pieces run one after another or on
-        work threads, so the weights are the same for any number of threads."""
+        example of them); their sums. Gradients add up in piece order, whether the pieces run one after another or
+        on work threads, so the weights are the same for any number of threads."""
         run, train, acc = self.run, self.run.config.train, self.run.accelerator
         world, pad_id = acc.num_processes, run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-        by_row = acc.device.type == "cpu"
         pieces = [piece for indices in rank_micro_batches(batch, world, train.grad_accum, acc.process_index)
-                  for piece in (row_shards if by_row else _one_piece)(
-                      self.data.samples, indices, pad_id, train.packing, train.pack_length, train.attn_implementation)]
+                  for piece in self._pieces(indices, pad_id)]
 
         def scaled_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
             # DDP averages gradients over processes; the sum over processes is what the global batch needs.
@@ -651,6 +649,15 @@ class StageRecipe:
                 acc.backward(scaled_loss(out))
             sums.add(out, piece.tokens)
         return sums
+
+    def _pieces(self, indices: list[int], pad_id: int) -> list[MicroBatch]:
+        """A micro-batch as the device computes it: on a CPU one piece per example (sftkey.cpu_threads), elsewhere
+        one forward over its packed or padded rows."""
+        train = self.run.config.train
+        if self.run.accelerator.device.type == "cpu":
+            return example_pieces(self.data.samples, indices, pad_id)
+        return [micro_batch(self.data.samples, indices, pad_id, train.packing, train.pack_length,
+                            train.attn_implementation)]
 
     def _log(self, step: int, loss: float, lr: float, grad_norm: float, sums: StepSums, seconds: float) -> None:
         tokens = int(sums.tokens)
@@ -748,30 +755,16 @@ class StageRecipe:
         self.run.accelerator.free_memory()
 
 
-def step_threads(train, accelerator) -> int:
-    """Work threads for a step's pieces: train.cpu_threads (null: one per core) on a CPU in one process; 1 where
-    the pieces need backward() itself (DDP's hooks, DeepSpeed, compiled graphs, reentrant checkpointing)."""
-    from sftkey.cpu_threads import cpu_threads
-
+def step_threads(train, accelerator, parameter_bytes: int) -> int:
+    """Work threads for a step's pieces: train.cpu_threads (null: one per core, as many as half the memory holds
+    at a gradient copy and the activations of a piece, ~2x the trained parameters, each) on a CPU in one process;
+    1 where the pieces need backward() itself (DDP's hooks, FSDP, compiled graphs, reentrant checkpointing)."""
     if (accelerator.device.type != "cpu" or accelerator.num_processes > 1 or _is_fsdp(accelerator)
             or train.compile != "none" or train.gradient_checkpointing):
         return 1
-    return cpu_threads(train.cpu_threads)
-
-
-def _one_piece(samples, indices, pad_id, packing, pack_length, attn_implementation) -> list[MicroBatch]:
-    return [micro_batch(samples, indices, pad_id, packing, pack_length, attn_implementation)]
-
-
-def add_gradients(params: list[torch.nn.Parameter], grads: tuple[torch.Tensor | None, ...]) -> None:
-    """Accumulate one piece's gradients into .grad as backward() would (the first one set, the next ones added)."""
-    for param, grad in zip(params, grads):
-        if grad is None:  # not used by this piece
-            continue
-        if param.grad is None:
-            param.grad = grad
-        else:
-            param.grad.add_(grad)
+    if train.cpu_threads is not None:
+        return train.cpu_threads
+    return max(1, min(cpu_threads(), memory_bytes() // 2 // (2 * max(1, parameter_bytes))))
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

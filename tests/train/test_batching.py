@@ -12,6 +12,7 @@ from sftkey.train.batching import (
     StagePlan,
     collate,
     epoch_batches,
+    example_pieces,
     micro_batch,
     pack_rows,
     packs_into_one_row,
@@ -81,6 +82,15 @@ def lengths_samples(lengths):
     """Example k holds ids 10k+1, 10k+2, ... (no pad id 0), its length given."""
     return [Sample(f"u{k}", [10 * k + t + 1 for t in range(n)], [T] * n, [X] * n, [0.0] * n)
             for k, n in enumerate(lengths)]
+
+
+def test_cpu_pieces_are_the_examples_alone_longest_first_ties_in_batch_order():
+    samples = lengths_samples([5, 3, 7, 3, 6])
+    pieces = example_pieces(samples, [1, 3, 2, 0], pad_id=0)
+    assert [p.uids for p in pieces] == [["u2"], ["u0"], ["u1"], ["u3"]]
+    assert [(p.tokens, p.slots) for p in pieces] == [(7, 7), (5, 5), (3, 3), (3, 3)]  # one row each, no padding
+    assert pieces[0].tensors["input_ids"].tolist() == [samples[2].input_ids]
+    assert pieces[0].tensors["position_ids"].tolist() == [list(range(7))]
 
 
 def test_a_packed_micro_batch_under_flash_attention_is_one_row_of_all_its_examples():
