@@ -17,6 +17,8 @@ burst of load on a shared machine does not set the peak), and on a known GPU als
 --precision runs every row in that precision (autocast; weights and optimizer state stay fp32). Without trl
 installed (`pip install -e .[bench]`) the TRL row prints why it was skipped and the ratios use the plain loop.
 --rounds N runs all rows N times in turn (interleaved, so load on a shared machine hits them alike): medians.
+--threads N gives every row N CPU cores: sftkey's step its work threads (pieces of the step, one per example, as
+the trainer runs them on a CPU), the peers N torch threads.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from benchmarks.peers import Row, machine, matmul_peak, mfu, skipped_row, table 
 from sftkey.data import DataConfig  # noqa: E402
 from sftkey.loss import IGNORE_INDEX, LossParts, loss_spec, normalize  # noqa: E402
 from sftkey.prepare import PrepareConfig, prepare  # noqa: E402
-from sftkey.train.batching import StagePlan, micro_batch, stage_samples  # noqa: E402
+from sftkey.cpu_threads import add_gradients, ordered_map  # noqa: E402
+from sftkey.train.batching import StagePlan, example_pieces, micro_batch, stage_samples  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 DEFAULT_MODEL = Path.home() / ".cache" / "sftkey" / "models" / "SmolLM2-135M-Instruct"
@@ -109,26 +112,34 @@ def sftkey_rows(model, samples, plan, steps, args, spec, device, dtype):
     loss_model = LossModel(model, sparse_logits=not args.dense_logits,
                            varlen=not args.no_packing and is_flash(args.attn))
     compile_loss_model(loss_model, args.compile)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    # as the trainer: fused AdamW; on a CPU one piece per example, on --threads work threads (sftkey.cpu_threads)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     step_seconds = []  # every step's wall time: the first one carries the compile warm-up
 
     def step(indices):
         began = time.perf_counter()
-        batch = micro_batch(samples, indices, pad_id=0, packing=not args.no_packing, pack_length=args.pack_length,
-                            attn_implementation=args.attn)
-        inputs = {k: v.to(device) for k, v in batch.tensors.items()}
+        pieces = example_pieces(samples, indices, pad_id=0) if device == "cpu" else [
+            micro_batch(samples, indices, pad_id=0, packing=not args.no_packing, pack_length=args.pack_length,
+                        attn_implementation=args.attn)]
         denominator = torch.tensor(sum(samples[i].weight_sum for i in indices), device=device)
-        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            out = loss_model(**inputs, dft=spec.dft, all_roles=False)
-            loss = normalize(LossParts(out["total"], denominator, denominator))
-        loss.backward()
+
+        def gradient(piece):
+            inputs = {k: v.to(device) for k, v in piece.tensors.items()}
+            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+                out = loss_model(**inputs, dft=spec.dft, all_roles=False)
+                loss = normalize(LossParts(out["total"], denominator, denominator))
+            return torch.autograd.grad(loss, trainable, allow_unused=True)
+
+        for grads in ordered_map(gradient, pieces, args.threads if args.compile == "none" else 1):
+            add_gradients(trainable, grads)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.compile != "none":  # a sync per step only where the warm-up is timed
             sync(device)
             step_seconds.append(time.perf_counter() - began)
-        return batch.tokens, batch.slots
+        return sum(p.tokens for p in pieces), sum(p.slots for p in pieces)
 
     timed = time_steps(step, [plan.batch(s) for s in range(steps)], args.warmup, device)
     if args.compile != "none":  # reported apart: the rows' tokens/s are the steady steps only
@@ -245,9 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="every row under this autocast precision (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--rounds", type=int, default=1, help="run every row this many times, interleaved (medians)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU cores each row may use: sftkey's work threads (one torch thread each), the peers' "
+                             "torch threads; the matmul peak is measured on as many")
     args = parser.parse_args(argv)
 
     import torch
+
+    torch.set_num_threads(args.threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = args.precision or ("bf16" if device == "cuda" else "fp32")
