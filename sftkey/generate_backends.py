@@ -19,7 +19,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Iterator
 
-from sftkey.cpu_threads import ordered_map
+from sftkey.cpu_threads import cpu_threads, ordered_map
 from sftkey.generate import STOP_EOS, STOP_LENGTH
 
 if TYPE_CHECKING:
@@ -85,8 +85,6 @@ def run_backend(name: str, model, ids: list[list[int]], order: list[int], stops:
 def batch_threads(config: "GenerationConfig", model, batches: int) -> int:
     """Threads for the sftkey loop's batches: config.threads (None: one per core) when greedy on a CPU, at most
     one per batch; 1 when sampling (one seeded generator, drawn from in batch order) or on a GPU (one stream)."""
-    from sftkey.cpu_threads import cpu_threads
-
     if config.temperature > 0 or next(model.parameters()).device.type != "cpu":
         return 1
     return min(cpu_threads(config.threads), batches)

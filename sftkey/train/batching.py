@@ -220,24 +220,22 @@ def micro_batch(samples: Sequence[Sample], indices: Sequence[int], pad_id: int, 
     """The examples `indices` as one micro-batch: packed into rows (one row where the attention needs it, with no
     length cap), or one padded row each."""
     chosen = [samples[i] for i in indices]
-    return collate(chosen, _rows(chosen, packing, pack_length, attn_implementation), pad_id)
+    if packing and packs_into_one_row(attn_implementation):
+        rows = [list(range(len(chosen)))]
+    elif packing:
+        rows = pack_rows([len(s) for s in chosen], pack_length)
+    else:
+        rows = [[i] for i in range(len(chosen))]
+    return collate(chosen, rows, pad_id)
 
 
 def example_pieces(samples: Sequence[Sample], indices: Sequence[int], pad_id: int) -> list[MicroBatch]:
     """Each example of a micro-batch as a micro-batch of its own (no padding, attention inside it as packing keeps
-    it): pieces of a step whose gradients are computed alone and summed in example order, on a CPU on one thread
-    per core with the same result. Many pieces, longest first, so the threads stay evenly busy: a thread that ends
+    it): pieces of a step whose gradients are computed alone and summed in piece order, on a CPU on one thread per
+    core with the same result. Many pieces, longest first, so the threads stay evenly busy: a thread that ends
     a piece waits only for the (longer) one before it."""
     longest_first = sorted(indices, key=lambda i: -len(samples[i]))  # stable: ties keep the batch's order
     return [collate([samples[i]], [[0]], pad_id) for i in longest_first]
-
-
-def _rows(chosen: Sequence[Sample], packing: bool, pack_length: int, attn_implementation: str) -> list[list[int]]:
-    if packing and packs_into_one_row(attn_implementation):
-        return [list(range(len(chosen)))]
-    if packing:
-        return pack_rows([len(s) for s in chosen], pack_length)
-    return [[i] for i in range(len(chosen))]
 
 
 def padding_share(batches: Sequence[MicroBatch]) -> float:

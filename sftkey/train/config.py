@@ -64,7 +64,7 @@ class TrainSettings:
     warmup_steps: int | None = field(default=None, metadata={"help": "warm-up length in steps; overrides warmup_epochs"})
     schedule: str = field(default="linear", metadata={"help": "after warm-up: linear (to 0), cosine (to 0) or constant"})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the global gradient norm; null: no clipping"})
-    packing: bool = field(default=True, metadata={"help": "pack a micro-batch's examples into rows (attention kept inside each example); false: length-bucketed padded batches"})
+    packing: bool = field(default=True, metadata={"help": "pack a micro-batch's examples into rows (attention kept inside each example); false: length-bucketed padded batches. A CPU computes each example alone either way (train.cpu_threads)"})
     pack_length: int = field(default=1024, metadata={"help": "most tokens in one packed row; must be >= data.max_length. No cap under flash attention, which keeps packed examples apart only in a batch of one row: a micro-batch is then one row"})
     normalizer: str = field(default="weights", metadata={"help": "divide the summed loss by the batch's sum of weights, or by its number of weighted tokens"})
     sparse_logits: bool = field(default=True, metadata={"help": "run the output layer only on positions with a non-zero weight"})
