@@ -175,6 +175,7 @@ def test_bad_answer_regex_in_a_train_config_names_file_and_line(tmp_path, capsys
     (["--temperature", "nan"], "--temperature nan: give a finite number >= 0 (0: greedy)"),
     (["--temperature", "-1"], "--temperature -1.0: give a finite number >= 0 (0: greedy)"),
     (["--batch-size", "0"], "--batch-size 0: give at least 1 question per batch"),
+    (["--threads", "0"], "--threads 0: give at least 1 (or leave it out: one per core)"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: give at least 1 (or leave it out: the data set's cap)"),
     (["--limit", "-3"], "limit must be a positive number of records, got -3"),
 ])
