@@ -82,7 +82,7 @@ class TrainSettings:
     attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention: sdpa, eager or flash_attention_2. sdpa, eager and flex_attention keep packed examples apart in every row; under any other, packing puts each micro-batch in one row (pack_length does not cap it)"})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "on a CPU each example of a micro-batch is a piece of the step, its gradient computed alone and "
-                "summed in example order; pieces run on this many threads (one torch thread each). The weights do "
+                "summed in a fixed order; pieces run on this many threads (one torch thread each). The weights do "
                 "not depend on it. null: one per core ($SFTKEY_CPU_THREADS caps it); 1 thread under several "
                 "processes, compile or gradient checkpointing"})
     compile: str = field(default="none", metadata={"help": "torch.compile the training forward: none, regional (each decoder layer; short warm-up) or model (the whole loss model); dynamic shapes, the warm-up is logged and recorded as compile_warmup_s"})
