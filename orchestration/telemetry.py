@@ -14,7 +14,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,27 @@ class StageClock:
 # --------------------------------------------------------------------------- the step tracker
 
 
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during the block is delivered after it: a write to a SQLite tracking store cut mid-commit
+    keeps the database locked, and the run could then not be marked KILLED (`sftkey train` died with a traceback)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for signum in dict.fromkeys(caught):  # once each, now that the write is whole
+            signal.raise_signal(signum)
+
+
 class StepTracker(MlflowTracker):
     """The trainer's Tracker writing to one MLflow run: one `log_batch` per optimizer step, stamped with the time
     it ended (distinct per step), and a progress line through `say` at a stage's first and last step and at most
@@ -111,7 +134,8 @@ class StepTracker(MlflowTracker):
         if not self.live:
             return False
         try:
-            send()
+            with signals_deferred():
+                send()
             return True
         except Exception as error:  # an outage must not kill hours of training: metrics.jsonl has every step
             self.live = False

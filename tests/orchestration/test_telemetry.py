@@ -3,7 +3,9 @@ timestamp), progress lines in the Dagster run log and on the console, from a sta
 through Dagster Pipes, and from `sftkey train --tracking-uri`."""
 
 import math
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -349,3 +351,19 @@ def test_sftkey_train_tracking_guards(tiny_model_dir, tmp_path, capsys, monkeypa
         "package (import of orchestration.telemetry halted; None in sys.modules); install them with `pip install "
         "-e .` in the sftkey checkout, or drop --tracking-uri (and unset MLFLOW_TRACKING_URI)")
     assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_during_a_tracking_write_lands_after_it():
+    from orchestration.telemetry import signals_deferred
+
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal has arrived: Python runs handlers between bytecodes
+            written.append("whole")  # the write goes on to its end
+    assert written == ["whole"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as it was
+    with signals_deferred():  # no signal: nothing raised
+        written.append("again")
+    assert written == ["whole", "again"]
