@@ -106,6 +106,9 @@ def test_threads_go_to_greedy_batches_on_a_cpu_only(model_and_tokenizer):
     assert batch_threads(GenerationConfig(threads=4), model, batches=8) == 4
     # sampling draws from one seeded generator in batch order: threads would make the draws race
     assert batch_threads(GenerationConfig(threads=4, temperature=0.7), model, batches=8) == 1
+    # off the CPU one stream runs the batches in turn: a model on the meta device stands in for a GPU here
+    off_cpu = torch.nn.Linear(2, 2, device="meta")
+    assert batch_threads(GenerationConfig(threads=4), off_cpu, batches=8) == 1
 
 
 def test_sampled_generation_is_the_same_with_threads_asked_for(model_and_tokenizer):
