@@ -227,7 +227,8 @@ def train_stage(context: dg.AssetExecutionContext, arm: str, seed: int, settings
         # what MLflow has not seen live (a reused stage, the steps before a resume) at the times they were trained
         log_missing_steps(run, rows)
         run.set_tags(reuse_tags(run, status, key))
-        model_uri = logged_model_uri(run, checkpoint, model_name, store, tracking) if model_name else None
+        model_uri = logged_model_uri(run, checkpoint, model_name, settings.config.benchmark.dtype, store,
+                                     tracking) if model_name else None
     losses = [(row["step"], row["loss"]) for row in rows]
     answer_losses = [(row["step"], row["loss_answer"]) for row in rows if "loss_answer" in row]
     value = {"arm": arm, "seed": seed, "stage": stage.name, "stage_index": stage_index, "key": key,
@@ -241,17 +242,18 @@ def train_stage(context: dg.AssetExecutionContext, arm: str, seed: int, settings
     })
 
 
-def logged_model_uri(run, checkpoint: Path, name: str, store: ModelStore, tracking: MlflowResource) -> str:
-    """Log the checkpoint as the MLflow model `name`, once per checkpoint, name and tracking store: a reused
-    checkpoint points at the model logged before instead of copying its weights again."""
-    key = content_key(str(checkpoint), name, tracking.resolve_uri(), checkpoint_weights_sha256(checkpoint))
+def logged_model_uri(run, checkpoint: Path, name: str, dtype: str, store: ModelStore, tracking: MlflowResource) -> str:
+    """Log the checkpoint as the MLflow model `name` with its weights in `dtype` (benchmark.dtype: the dtype it is
+    scored in), once per checkpoint, name, dtype and tracking store: a reused checkpoint points at the model logged
+    before instead of copying its weights again."""
+    key = content_key(str(checkpoint), name, dtype, tracking.resolve_uri(), checkpoint_weights_sha256(checkpoint))
     with store.claim("logged_models", key) as folder:
         record = folder / "model.json"
         if record.exists():
             logged = json.loads(record.read_text())
             run.set_tags({"sftkey.model_logged_in_run": logged["run_id"]})
             return logged["model_uri"]
-        uri = run.log_model(checkpoint, name)
+        uri = run.log_model(checkpoint, name, dtype)
         write_text(record, json.dumps({"model_uri": uri, "run_id": run.run_id}) + "\n")
     return uri
 
@@ -274,7 +276,8 @@ def passed_through(context: dg.AssetExecutionContext, settings: PipelineSettings
         base = (read_meta(Path(stage1["checkpoint"])) or {}).get("base_model") or {}  # what it was trained from
         run.log_params(training_view(settings.config.training, arm, seed)
                        | {"init": stage1["checkpoint"], "skipped": True} | identity_params(base))
-        model_uri = logged_model_uri(run, Path(stage1["checkpoint"]), name, store, tracking) if name else None
+        model_uri = logged_model_uri(run, Path(stage1["checkpoint"]), name, settings.config.benchmark.dtype, store,
+                                     tracking) if name else None
     value = dict(stage1, status="skipped", losses=[], answer_losses=[], mlflow_run_id=run.run_id, model_uri=model_uri)
     return dg.Output(value, data_version=dg.DataVersion(stage1["key"][:20]), metadata={
         "status": "skipped", "why": why, "checkpoint": dg.MetadataValue.path(stage1["checkpoint"]),
@@ -306,7 +309,7 @@ def score_cell(context: dg.AssetExecutionContext, arm: str, seed: int, settings:
     with tracking.asset_run(context, tags=tags, cell=f"{arm}|{seed}") as run:
         run.log_params({"benchmark": dataclasses.asdict(bench), "checkpoint": stage2_model["checkpoint"]})
         with store.claim("scores", key) as folder:
-            summary = evaluate(EvalConfig(checkpoint=stage2_model["checkpoint"], data=bench.data(),
+            summary = evaluate(EvalConfig(checkpoint=stage2_model["checkpoint"], data=bench.data(), dtype=bench.dtype,
                                           generation=generation, out=str(folder), device=compute.resolved_device()))
             rows = [json.loads(line) for line in (folder / OUTPUTS).read_text(encoding="utf-8").splitlines()]
             metrics = dict(summary["metrics"])
@@ -413,7 +416,7 @@ def lm_eval_metrics(bench: BenchmarkSection, checkpoint: str, compute: ComputeRe
         return json.loads(cache.read_text())
     config = BenchConfig(checkpoint=checkpoint, tasks=list(bench.lm_eval_tasks), split=bench.split,
                          limit=bench.lm_eval_limit, batch_size=bench.batch_size,
-                         max_new_tokens=bench.max_new_tokens, device=compute.resolved_device())
+                         max_new_tokens=bench.max_new_tokens, device=compute.resolved_device(), dtype=bench.dtype)
     metrics = flat_metrics(run(config))
     write_text(cache, json.dumps(metrics, indent=1) + "\n")
     return metrics
@@ -498,7 +501,9 @@ def registered_model(context: dg.AssetExecutionContext, settings: PipelineSettin
     """The candidate arm's model in the MLflow registry, aliased `challenger`: a new version, or the earlier one
     of the same weights scored on the same benchmark (a rerun adds none). Tagged with what the gate pairs on."""
     from orchestration.registry import (BENCHMARK_RUN_TAG, BENCHMARK_TAG, CHALLENGER, WEIGHTS_TAG,
-                                        benchmark_identity, register_candidate, registration_tags)
+                                        benchmark_identity, logged_weights_dtype, register_candidate,
+                                        registration_tags)
+    from orchestration.tracking import WEIGHTS_DTYPE_TAG
     from sftkey.evaluate import SUMMARY
 
     config = settings.config
@@ -516,6 +521,9 @@ def registered_model(context: dg.AssetExecutionContext, settings: PipelineSettin
                 BENCHMARK_RUN_TAG: record["benchmark_run_id"], WEIGHTS_TAG: summary["model"]["weights_sha256"],
                 BENCHMARK_TAG: json.dumps(benchmark_identity(summary), sort_keys=True),
                 **registration_tags(tracking.parent_run_id)}
+        weights_dtype = logged_weights_dtype(tracking.client(), record["model_uri"])
+        if weights_dtype:  # the gate refuses a version without it
+            tags[WEIGHTS_DTYPE_TAG] = weights_dtype
         version = register_candidate(tracking.client(), model_name, record["model_uri"],
                                      record["model_run_id"], tags, tracking.resolve_uri(), metrics=record["metrics"])
         reused = version.tags.get(BENCHMARK_RUN_TAG) != record["benchmark_run_id"]  # an earlier run's version

@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 from pydantic import BaseModel
 
-WEIGHTS_ARTIFACT = "weights"  # artifact key of the save_pretrained folder (weights in the training dtype, tokenizer)
+WEIGHTS_ARTIFACT = "weights"  # artifact key of the save_pretrained folder (weights in the scored dtype, tokenizer)
 DEFAULT_MAX_NEW_TOKENS = 256  # sftkey.generate.GENERIC_MAX_NEW_TOKENS; override with model_config
 
 
@@ -65,7 +65,7 @@ def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
 
 class SftkeyChatModel(mlflow.pyfunc.PythonModel):
     """Greedy chat generation with sftkey.generate. model_config: `max_new_tokens`, `dtype` ("auto": as stored, the
-    training dtype), `temperature`, `seed`."""
+    dtype its benchmark scored it in), `temperature`, `seed`."""
 
     def load_context(self, context) -> None:
         import torch

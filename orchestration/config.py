@@ -33,6 +33,7 @@ from sftkey.train.config import STAGE_NAME, TrainConfig, config_from_dict
 MAX_STAGES = 2  # the graph has stage1_model and stage2_model
 UI_RUN_DIR = "ui"  # runs launched from the Dagster UI share <work_dir>/runs/ui/
 BENCHMARK_COUNTS = ("limit", "max_new_tokens", "batch_size", "lm_eval_limit")  # each >= 1 when given
+BENCHMARK_DTYPES = ("float32", "bfloat16")  # the precisions sftkey trains in (fp32 master weights, bf16 autocast)
 
 
 @dataclass
@@ -50,6 +51,9 @@ class BenchmarkSection:
     batch_size: int = field(default=16, metadata={"help": "questions generated together"})
     backend: str = field(default="sftkey", metadata={
         "help": "generation backend: sftkey, static, continuous or vllm (see sftkey.generate_backends)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "dtype the models are scored in and logged (registered, served) in, so that the model served is the "
+                "model scored: float32, or bfloat16 where benchmarks/eval_precision.py finds no verdict changes"})
     lm_eval_tasks: list[str] = field(default_factory=list, metadata={"help": "lm-eval tasks of evals/run.py, e.g. gsm8k_tagged"})
     lm_eval_limit: int | None = field(default=None, metadata={"help": "questions per lm-eval task (None: all)"})
 
@@ -437,6 +441,8 @@ def _held_out_benchmark(config: PipelineConfig, fail) -> BenchmarkSection:
 
     if bench.backend not in BACKENDS:
         raise fail(("benchmark", "backend"), f"{bench.backend!r}: use one of {', '.join(BACKENDS)}")
+    if bench.dtype not in BENCHMARK_DTYPES:
+        raise fail(("benchmark", "dtype"), f"{bench.dtype!r}: use {' or '.join(BENCHMARK_DTYPES)}")
     try:
         held_out = held_out_config(config.training_data(), bench.data())
     except DataError as e:  # unknown data set, test_fraction outside (0, 1)

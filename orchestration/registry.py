@@ -3,7 +3,8 @@
 A candidate version carries its per-question benchmark outcomes as an artifact of its benchmark run, so a
 later candidate can be tested against the champion question by question (sftkey.compare's paired tests).
 
-The gate refuses a candidate that failed a check, a first champion below `min_accuracy`, a champion scored on
+The gate refuses a candidate that failed a check, a candidate whose logged weights are not in the dtype it was
+scored in (the model served would not be the model scored), a first champion below `min_accuracy`, a champion scored on
 another benchmark (BENCHMARK_TAG differs, even with the same question ids) and outcomes that are not booleans.
 Moving `champion` is compare-and-set under a lock: if another pipeline moved it since the gate ran, the gate runs
 again against the new champion. Registering the same weights on the same benchmark again reuses its version, and
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from orchestration.tracking import PARENT_TAG
+from orchestration.tracking import PARENT_TAG, WEIGHTS_DTYPE_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -102,6 +103,25 @@ def benchmark_difference(candidate: Mapping | None, champion: Mapping | None) ->
     return "; ".join(differ) or None
 
 
+def weights_dtype_problem(benchmark: Mapping | None, weights_dtype: str | None) -> str | None:
+    """Why the candidate's logged weights are not the weights its benchmark scored (None when they are): bf16
+    weights answer differently from the fp32 ones on a share of questions (benchmarks/eval_precision.py)."""
+    scored = (benchmark or {}).get("dtype")
+    if weights_dtype is not None and weights_dtype == scored:
+        return None
+    return (f"the candidate's logged weights are {weights_dtype or 'of no recorded dtype'} ({WEIGHTS_DTYPE_TAG} tag) "
+            f"but its benchmark scored it in {scored or 'no recorded dtype'}: the model served would not be the "
+            "model scored; log the model in the dtype its benchmark scores in (benchmark.dtype) and rerun")
+
+
+def logged_weights_dtype(client: "MlflowClient", model_uri: str) -> str | None:
+    """The dtype a logged model (`models:/<model id>`) stores its weights in, as MlflowTracker.log_model tagged it."""
+    from mlflow.store.artifact.utils.models import _parse_model_id_if_present
+
+    model_id = _parse_model_id_if_present(model_uri)
+    return client.get_logged_model(model_id).tags.get(WEIGHTS_DTYPE_TAG) if model_id else None
+
+
 def accuracy_of(outcomes: Mapping[str, bool]) -> float:
     return sum(outcomes.values()) / len(outcomes) if outcomes else 0.0
 
@@ -109,8 +129,9 @@ def accuracy_of(outcomes: Mapping[str, bool]) -> float:
 def decide(candidate: Mapping[str, bool], champion: Mapping[str, bool] | None, margin_points: float,
            alpha: float, champion_version: str | None = None, *, min_accuracy: float = DEFAULT_MIN_ACCURACY,
            failed_checks: Sequence[str] = (), candidate_benchmark: Mapping | None = None,
-           champion_benchmark: Mapping | None = None) -> Decision:
-    """Refuse a candidate that failed a check; with no champion, promote one that reaches `min_accuracy`; else
+           champion_benchmark: Mapping | None = None, weights_dtype: str | None = None) -> Decision:
+    """Refuse a candidate that failed a check or whose logged weights (`weights_dtype`) are not in the dtype its
+    benchmark scored it in; with no champion, promote one that reaches `min_accuracy`; else
     promote only on the same benchmark when it beats the champion by `margin_points` accuracy points with a
     significant paired difference (sftkey.compare: an exact sign test over the questions, p < alpha)."""
     from sftkey.compare import compare_arms
@@ -124,6 +145,9 @@ def decide(candidate: Mapping[str, bool], champion: Mapping[str, bool] | None, m
                         accuracy, champion_version=champion_version, **settings)
     if not candidate:
         return Decision(False, "the candidate answered no questions", accuracy, **settings)
+    served_otherwise = weights_dtype_problem(candidate_benchmark, weights_dtype)
+    if served_otherwise:
+        return Decision(False, served_otherwise, accuracy, champion_version=champion_version, **settings)
     if champion is None:
         if accuracy < min_accuracy:
             return Decision(False, f"no champion yet, and strict accuracy {accuracy:.3f} is below the floor for a "
@@ -369,7 +393,7 @@ def evaluate_gate(client: "MlflowClient", name: str, version: str, margin_points
                         champion_version=champion_version, margin_points=margin_points, alpha=alpha,
                         min_accuracy=min_accuracy)
     settings = dict(min_accuracy=min_accuracy, failed_checks=failed_checks,
-                    candidate_benchmark=version_benchmark(candidate),
+                    weights_dtype=candidate.tags.get(WEIGHTS_DTYPE_TAG), candidate_benchmark=version_benchmark(candidate),
                     champion_benchmark=None if champion is None else version_benchmark(champion))
     try:
         candidate_outcomes = version_outcomes(client, candidate)

@@ -39,6 +39,7 @@ CELL_TAG = "sftkey.cell"  # arm|seed of a cell asset's run
 PID_TAG = "sftkey.pid"  # the process writing a run, and its host: a later pipeline reaps runs whose process is gone
 HOST_TAG = "sftkey.host"
 REAPED_TAG = "sftkey.reaped"
+WEIGHTS_DTYPE_TAG = "sftkey.weights_dtype"  # of a logged model: the dtype its stored weights are in
 LOCK_TIMEOUT_S = 60.0  # creating or migrating a new sqlite store takes seconds; never wait forever on its lock
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what the MLflow 3 UI reads to pick its GenAI or model-training view
 MODEL_TRAINING = "custom_model_development"  # shown as "Model training"
@@ -319,35 +320,38 @@ class MlflowTracker:
         self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                           [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
-    def log_model(self, checkpoint: str | os.PathLike, name: str, max_new_tokens: int | None = None) -> str:
-        """Log a checkpoint as a chat pyfunc model called `name` (e.g. "sft_tag-seed0"): weights in the training
-        dtype, config and tokenizer only (no optimizer, scheduler or RNG state). `max_new_tokens`: the served generation cap
-        (default chat_model.DEFAULT_MAX_NEW_TOKENS). Returns its `models:/<model id>` uri."""
+    def log_model(self, checkpoint: str | os.PathLike, name: str, dtype: str = "float32",
+                  max_new_tokens: int | None = None) -> str:
+        """Log a checkpoint as a chat pyfunc model called `name` (e.g. "sft_tag-seed0"): weights in `dtype` (the
+        dtype its benchmark scores it in, so that the model served is the model scored; recorded as the logged
+        model's WEIGHTS_DTYPE_TAG), config and tokenizer only (no optimizer, scheduler or RNG state).
+        `max_new_tokens`: the served generation cap (default chat_model.DEFAULT_MAX_NEW_TOKENS). Returns its
+        `models:/<model id>` uri."""
         import mlflow
 
         from orchestration import chat_model
 
         mlflow.set_tracking_uri(self.client.tracking_uri)
         with tempfile.TemporaryDirectory(prefix="sftkey-model-") as tmp:
-            weights = export_weights(Path(checkpoint), Path(tmp) / chat_model.WEIGHTS_ARTIFACT)
+            weights = export_weights(Path(checkpoint), Path(tmp) / chat_model.WEIGHTS_ARTIFACT, dtype)
             with mlflow.start_run(run_id=self.run_id):  # log_model only knows the fluent API's active run
                 info = mlflow.pyfunc.log_model(
                     name=name, python_model=chat_model.__file__, artifacts={chat_model.WEIGHTS_ARTIFACT: str(weights)},
                     code_paths=[str(Path(sftkey.__file__).parent)],
                     model_config={"max_new_tokens": max_new_tokens or chat_model.DEFAULT_MAX_NEW_TOKENS},
                     pip_requirements=model_requirements(),  # inferring them imports every installed package
+                    tags={WEIGHTS_DTYPE_TAG: dtype},
                 )
         return info.model_uri
 
 
-def export_weights(checkpoint: Path, out: Path) -> Path:
-    """A checkpoint as a serving folder: safetensors in the dtype it trained in (bf16 for bf16 autocast, fp32
-    for fp32; as stored where its sftkey.json does not say), config, generation config and tokenizer with its
-    chat template; the trainer's resume state is left behind."""
+def export_weights(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
+    """A checkpoint as a serving folder: safetensors in `dtype` (float32 keeps the fp32 master weights a bf16
+    autocast run trains and its benchmark scores by default; bfloat16 halves them), config, generation config
+    and tokenizer with its chat template; the trainer's resume state is left behind."""
     from sftkey.models import load_model, load_tokenizer
-    from sftkey.train.checkpoint import read_meta, serving_dtype
 
-    model = load_model(checkpoint, dtype=serving_dtype(read_meta(checkpoint) or {}))
+    model = load_model(checkpoint, dtype=dtype)
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(checkpoint).save_pretrained(out)
     return out

@@ -22,7 +22,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 ADAPTER_DIR = "adapter"
 FINAL_SUFFIX = "-final"
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # train.precision as resolved -> torch dtype name
 
 
 def periodic_name(global_step: int) -> str:
@@ -104,12 +103,6 @@ def prune_finished_stages(checkpoints: Path, stage_index: int) -> list[Path]:
     for folder in periodic:
         shutil.rmtree(folder)
     return periodic
-
-
-def serving_dtype(meta: dict) -> str:
-    """The torch dtype name a checkpoint is served in: the dtype it was trained in (`precision` in sftkey.json:
-    fp32, or bf16 autocast over fp32 master weights); "auto" (as stored) where the checkpoint does not say."""
-    return PRECISION_DTYPES.get(meta.get("precision"), "auto")
 
 
 def load_problem(folder: Path, meta: dict) -> str | None:

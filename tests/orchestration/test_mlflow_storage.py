@@ -1,8 +1,9 @@
-"""What reaches MLflow's artifact store: only the registry candidate's final model, in the dtype it trained in;
+"""What reaches MLflow's artifact store: only the registry candidate's final model, in the dtype it is scored in;
 never a checkpoint that only feeds the next stage, nor optimizer, scheduler or RNG state."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 from safetensors import safe_open
 
 from orchestration.config import default_tracking_uri
-from orchestration.tracking import export_weights
+from orchestration.tracking import WEIGHTS_DTYPE_TAG, export_weights
 
 REPO = Path(__file__).resolve().parents[2]
 ARITH = REPO / "tests" / "train" / "fixtures" / "arith.jsonl"
@@ -46,7 +47,8 @@ def test_the_pipeline_uploads_only_the_candidates_final_model(smoke_run):
     logged = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     assert [m.name for m in logged] == [f"{config.candidate_arm}-seed{config.candidate_seed}"]
 
-    # every byte of the artifact store on disk: the one set of weights is the logged model's, in fp32 (as trained)
+    assert logged[0].tags[WEIGHTS_DTYPE_TAG] == "float32"  # benchmark.dtype's default: served as scored
+    # every byte of the artifact store on disk: the one set of weights is the logged model's, in fp32 (as scored)
     root = Path(experiment.artifact_location.removeprefix("file://"))
     on_disk = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     weights = [f for f in on_disk if f.endswith(".safetensors")]
@@ -56,9 +58,10 @@ def test_the_pipeline_uploads_only_the_candidates_final_model(smoke_run):
 
 
 @pytest.mark.slow  # ~20 s: a process of its own (accelerate's precision is fixed once per process)
-def test_a_bf16_trained_checkpoint_is_served_in_bf16(tiny_model_dir, tmp_path):
-    """Trained under bf16 autocast on CPU (fp32 master weights), served as bf16. test_tracking's logged-model test
-    covers the same rule fast, on a checkpoint whose sftkey.json says bf16."""
+def test_a_bf16_trained_checkpoint_is_served_in_the_dtype_it_is_scored_in(tiny_model_dir, tmp_path):
+    """Trained under bf16 autocast on CPU (fp32 master weights): exported as the fp32 masters by default (what the
+    benchmark scores), as bf16 when the benchmark scores in bf16. test_tracking's logged-model test covers the bf16
+    export fast, on a checkpoint whose sftkey.json says bf16."""
     config = tmp_path / "bf16.yaml"
     config.write_text(yaml.safe_dump({
         "model": str(tiny_model_dir), "output_dir": str(tmp_path / "runs"), "seeds": [0],
@@ -71,11 +74,24 @@ def test_a_bf16_trained_checkpoint_is_served_in_bf16(tiny_model_dir, tmp_path):
     assert json.loads((checkpoint / "sftkey.json").read_text())["precision"] == "bf16"
     assert stored_dtypes(checkpoint / "model.safetensors") == {"torch.float32"}  # fp32 master weights
     served = export_weights(checkpoint, tmp_path / "served")
-    assert stored_dtypes(served / "model.safetensors") == {"torch.bfloat16"}
+    assert stored_dtypes(served / "model.safetensors") == {"torch.float32"}
+    halved = export_weights(checkpoint, tmp_path / "halved", "bfloat16")
+    assert stored_dtypes(halved / "model.safetensors") == {"torch.bfloat16"}
     assert not [p.name for p in served.iterdir() if p.name in RESUME_STATE or p.name.startswith("rng_state_")]
 
 
-def test_a_folder_that_does_not_say_how_it_trained_is_served_as_stored(tiny_model_dir, tmp_path):
-    served = export_weights(tiny_model_dir, tmp_path / "served")
-    assert stored_dtypes(tiny_model_dir / "model.safetensors") == stored_dtypes(served / "model.safetensors") == {
-        "torch.float32"}
+def test_a_model_stored_in_bf16_is_exported_in_the_dtype_asked_for(tiny_model_dir, tmp_path):
+    """The export follows the dtype the benchmark scores in, not the dtype on disk (the benchmark loads the model in
+    its own dtype too), with the same values: bf16 -> fp32 is exact."""
+    from safetensors.torch import load_file
+
+    from sftkey.models import load_model
+
+    stored_bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_model_dir, stored_bf16)  # the tokenizer with it
+    load_model(tiny_model_dir, dtype="bfloat16").save_pretrained(stored_bf16)
+    assert stored_dtypes(stored_bf16 / "model.safetensors") == {"torch.bfloat16"}
+    served = export_weights(stored_bf16, tmp_path / "served")
+    assert stored_dtypes(served / "model.safetensors") == {"torch.float32"}
+    before, after = load_file(stored_bf16 / "model.safetensors"), load_file(served / "model.safetensors")
+    assert before.keys() == after.keys() and all(after[k].equal(before[k].float()) for k in before)

@@ -155,6 +155,10 @@ def test_lineage_walk_from_the_registered_version(smoke_run):
     assert lineage_lines(lineage)[0] == f"sftkey-smoke v1 <- run {lineage.run_id}"
     version = client.get_model_version("sftkey-smoke", "1")
     assert version.source.startswith("models:/m-")  # a logged MLflow transformers model
+    # served as scored: the logged weights are in the dtype the benchmark scored them in (the gate checks it)
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    scored = json.loads(version.tags["sftkey.benchmark"])["dtype"]
+    assert (scored, logged.tags["sftkey.weights_dtype"], version.tags["sftkey.weights_dtype"]) == ("float32",) * 3
 
 
 def test_rerun_reuses_every_checkpoint_and_keeps_its_own_outputs(smoke_run):

@@ -1,6 +1,7 @@
 """Each way a worse model became champion, refused, on a real sqlite MLflow registry: gate settings that let
 anything through (refused at load time), a first champion at 0% accuracy, a candidate that failed a check, a
-champion scored on another benchmark with the same question ids, non-boolean outcomes, two pipelines racing for
+champion scored on another benchmark with the same question ids, a candidate whose logged weights are in another
+dtype than it was scored in, non-boolean outcomes, two pipelines racing for
 the alias; and the registry's own state: a rerun adds no version, an orphan of a dead run is marked interrupted.
 The failed-check case also runs the real pipeline on the tiny model through the `sftkey` CLI."""
 
@@ -33,6 +34,7 @@ from orchestration.registry import (
     register_candidate,
     version_by_alias,
 )
+from orchestration.tracking import WEIGHTS_DTYPE_TAG
 from tests.orchestration.conftest import SMOKE_CONFIG, seed_mlflow_store, smoke_raw, write_config
 
 QUESTIONS = [f"q{i:02d}" for i in range(20)]
@@ -76,7 +78,8 @@ def register(client, tmp_path: Path, name: str, correct, bench: dict | None = BE
     experiment = client.get_experiment_by_name("gate").experiment_id
     model_run = client.create_run(experiment).info.run_id
     tags = {BENCHMARK_RUN_TAG: benchmark_run(client, tmp_path, correct),
-            WEIGHTS_TAG: weights or f"sha-{model_run}", **extra_tags}
+            WEIGHTS_TAG: weights or f"sha-{model_run}", WEIGHTS_DTYPE_TAG: "float32", **extra_tags}
+    tags = {k: v for k, v in tags.items() if v is not None}  # a tag given as None is left out
     if bench is not None:
         tags[BENCHMARK_TAG] = json.dumps(bench, sort_keys=True)
     return str(register_candidate(client, name, f"runs:/{model_run}/model", model_run, tags).version)
@@ -141,7 +144,8 @@ def test_the_cli_names_a_bad_margin_in_one_line(tmp_path, capsys):
 def test_decide_itself_refuses_non_finite_settings():
     for margin in (float("nan"), float("-inf"), -1.0):
         with pytest.raises(GateSettingError, match="promotion.margin_points must be a finite number >= 0"):
-            decide(STRONG, WEAK, margin, 0.05, candidate_benchmark=BENCH, champion_benchmark=BENCH)
+            decide(STRONG, WEAK, margin, 0.05, candidate_benchmark=BENCH, champion_benchmark=BENCH,
+                   weights_dtype="float32")
 
 
 # ---------------------------------------------------------------------------------- the gate's refusals
@@ -184,11 +188,35 @@ def test_a_champion_scored_on_another_benchmark_with_the_same_uids_is_not_compar
     assert decision.reason == (f"the champion (version {first}) was scored on another benchmark (data_version 'd1' vs "
                                "'d2'; max_new_tokens 40 vs 256): benchmark both the same way")
     assert decision.p_value is None  # no test on unpaired questions
-    unlabelled = register(client, tmp_path, name, STRONG, bench=None)
+    unlabelled = register(client, tmp_path, name, STRONG, bench=None)  # no benchmark: no dtype it was scored in
     decision = gate_and_promote(client, name, unlabelled)
-    assert decision.reason == (f"the champion (version {first}) was scored on another benchmark (the candidate "
-                               f"records no benchmark identity ({BENCHMARK_TAG} tag)): benchmark both the same way")
+    assert decision.reason.startswith("the candidate's logged weights are float32 (sftkey.weights_dtype tag) but its "
+                                      "benchmark scored it in no recorded dtype")
     assert champion(client, name) == first
+    assert decide(STRONG, WEAK, 1.0, 0.05, candidate_benchmark=None, champion_benchmark=BENCH).reason == (
+        f"the candidate's logged weights are of no recorded dtype ({WEIGHTS_DTYPE_TAG} tag) but its benchmark scored "
+        "it in no recorded dtype: the model served would not be the model scored; log the model in the dtype its "
+        "benchmark scores in (benchmark.dtype) and rerun")
+
+
+@pytest.mark.parametrize("weights_dtype, shown", [("bfloat16", "bfloat16"), (None, "of no recorded dtype")])
+def test_a_candidate_served_in_another_dtype_than_it_was_scored_in_is_refused(client, tmp_path, weights_dtype, shown):
+    """bf16 weights answer differently from the fp32 ones they were rounded from on a share of the questions
+    (benchmarks/eval_precision.py): scores of the fp32 weights say nothing sure about the bf16 model served."""
+    name = f"served-{weights_dtype}"
+    version = register(client, tmp_path, name, STRONG, **{WEIGHTS_DTYPE_TAG: weights_dtype})
+    decision = gate_and_promote(client, name, version)
+    assert decision.promote is False
+    assert decision.reason == (f"the candidate's logged weights are {shown} ({WEIGHTS_DTYPE_TAG} tag) but its "
+                               "benchmark scored it in float32: the model served would not be the model scored; log "
+                               "the model in the dtype its benchmark scores in (benchmark.dtype) and rerun")
+    assert client.get_model_version(name, version).tags[DECISION_TAG] == "refused"
+    assert champion(client, name) is None
+    # scored in bf16 and served in bf16: the same model, so the gate goes on to the accuracy rules
+    bf16 = register(client, tmp_path, name, STRONG, bench=BENCH | {"dtype": "bfloat16"},
+                    **{WEIGHTS_DTYPE_TAG: "bfloat16"})
+    assert gate_and_promote(client, name, bf16).promote is True
+    assert champion(client, name) == bf16
 
 
 @pytest.mark.parametrize("bad, detail", [

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from orchestration.tracking import WEIGHTS_DTYPE_TAG
 from orchestration.registry import (
     BENCHMARK_RUN_TAG,
     BENCHMARK_TAG,
@@ -27,7 +28,7 @@ QUESTIONS = [f"q{i}" for i in range(10)]
 BENCH = {"dataset": "svamp", "split": "test", "limit": 10, "data_version": "abc", "n_questions": 10, "tagged": True,
          "dtype": "float32", "max_new_tokens": 40, "temperature": 0.0, "sampling_seed": 0,
          "exclude_training_questions": False}
-SAME = dict(candidate_benchmark=BENCH, champion_benchmark=BENCH)
+SAME = dict(candidate_benchmark=BENCH, champion_benchmark=BENCH, weights_dtype="float32")
 
 
 def outcomes(right: set[int]) -> dict[str, bool]:
@@ -39,7 +40,7 @@ STRONG = outcomes({0, 1, 2, 3, 4, 5, 6, 7})  # 8 of 10, a superset of WEAK: 6 di
 
 
 def test_no_champion_promotes_the_first_candidate():
-    decision = decide(WEAK, None, margin_points=1.0, alpha=0.05)
+    decision = decide(WEAK, None, margin_points=1.0, alpha=0.05, candidate_benchmark=BENCH, weights_dtype="float32")
     assert decision.promote is True
     assert decision.reason == ("no champion yet: strict accuracy 0.200 reaches promotion.min_accuracy 0.050; "
                                "the first candidate becomes champion")
@@ -103,7 +104,8 @@ def candidate(client, tmp_path, name: str, correct: dict[str, bool]) -> str:
     (folder / "config.json").write_text("{}")
     client.log_artifacts(model_run, str(folder), "model")
     version = register_candidate(client, "gate-model", f"runs:/{model_run}/model", model_run,
-                                 {BENCHMARK_RUN_TAG: bench, BENCHMARK_TAG: json.dumps(BENCH), "sftkey.arm": name})
+                                 {BENCHMARK_RUN_TAG: bench, BENCHMARK_TAG: json.dumps(BENCH), "sftkey.arm": name,
+                                  WEIGHTS_DTYPE_TAG: "float32"})
     return str(version.version)
 
 

@@ -18,6 +18,7 @@ from orchestration.tracking import (
     PARENT_TAG,
     MlflowResource,
     MlflowTracker,
+    WEIGHTS_DTYPE_TAG,
     TrackingUnavailable,
     flatten,
     metric_name,
@@ -383,10 +384,12 @@ def test_a_logged_model_is_a_bf16_chat_model_that_generates(shared, tiny_model_d
     for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt"):
         (checkpoint / name).write_bytes(b"state")
     (checkpoint / "sftkey.json").write_text(json.dumps({"precision": "bf16"}))  # trained under bf16 autocast
+    # scored in bf16 (benchmark.dtype bfloat16): logged in bf16, the dtype the model was scored in
     client = shared.client()
     run_id = client.create_run(shared.experiment_id()).info.run_id
-    uri = MlflowTracker(client, run_id).log_model(checkpoint, "sft_tag-seed0", max_new_tokens=6)
-    assert client.get_logged_model(uri.removeprefix("models:/")).name == "sft_tag-seed0"
+    uri = MlflowTracker(client, run_id).log_model(checkpoint, "sft_tag-seed0", dtype="bfloat16", max_new_tokens=6)
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert (logged.name, logged.tags[WEIGHTS_DTYPE_TAG]) == ("sft_tag-seed0", "bfloat16")
 
     local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "logged"))
     files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs)
