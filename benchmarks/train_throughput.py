@@ -10,7 +10,7 @@ so they run on a bare GPU box (the TRL row needs trl, which brings accelerate an
         --data ../shared/data/gsm8k/train.jsonl --batch-size 32 --steps 10
 
 --random-weights builds the model from the folder's config.json (same speed; only config and tokenizer files need
-to travel). tokens/s counts real (non-pad) tokens. MFU = 6 x parameters x tokens/s / peak: the model FLOPs of a
+to travel); --shape llama-1b builds Llama-3.2-1B's body (random weights) on the folder's tokenizer, a 1B-class shape. tokens/s counts real (non-pad) tokens. MFU = 6 x parameters x tokens/s / peak: the model FLOPs of a
 full forward+backward per real token (attention's sequence-length term left out), over the matmul rate measured
 here in fp32 (and in bf16 when --precision bf16; the higher of a measurement before and after the rows, so that a
 burst of load on a shared machine does not set the peak), and on a known GPU also over its dense bf16 datasheet peak.
@@ -49,16 +49,21 @@ ARMS = {  # row name -> (loss preset, preset arguments); SFT and SFT-Tag train t
 }
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
 PLAIN, TRL = "plain HF loop (padded, all positions)", "TRL SFTTrainer (padding-free)"
+# --shape: the body of another model on the folder's tokenizer and vocabulary (random weights; speed needs no more)
+SHAPES = {
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,  # Llama-3.2-1B's body:
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64},    # ~1.07B with SmolLM2's vocab
+}
 
 
-def load(model_dir: str, random_weights: bool, device: str, attn: str):
+def load(model_dir: str, random_weights: bool, device: str, attn: str, shape: str | None = None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
-    if random_weights:
-        config = AutoConfig.from_pretrained(model_dir)
+    if random_weights or shape:
+        config = AutoConfig.from_pretrained(model_dir, **SHAPES[shape] if shape else {})
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn,
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (config.json, tokenizer; weights unless --random-weights)")
     parser.add_argument("--random-weights", action="store_true", help="random weights from the folder's config.json")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="random weights in this model body on the folder's tokenizer (e.g. llama-1b: 1B class)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K-format JSONL (question, answer with ####)")
     parser.add_argument("--limit", type=int, default=None, help="examples to load (default: batch-size x (steps + warmup))")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision or ("bf16" if device == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     steps = args.steps + args.warmup
-    model, tokenizer = load(args.model, args.random_weights, device, args.attn)
+    model, tokenizer = load(args.model, args.random_weights, device, args.attn, args.shape)
     n_params = sum(p.numel() for p in model.parameters())
     data = DataConfig("gsm8k", path=args.data, limit=args.limit or args.batch_size * steps)
     prepared = prepare(PrepareConfig(data, tagged=True, max_length=args.max_length), tokenizer)
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     host = f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, " \
            f"threads {torch.get_num_threads()}"
     print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "host": host,
-                      "machine": machine(device), "precision": precision, "parameters": n_params,
+                      "machine": machine(device), "precision": precision, "shape": args.shape, "parameters": n_params,
                       "examples": len(prepared.examples), "batch_size": args.batch_size, "timed_steps": args.steps,
                       "warmup_steps": args.warmup, "rounds": args.rounds, "peak_flops": peaks}), flush=True)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
