@@ -56,7 +56,8 @@ class EvalConfig:
         default=None, metadata={"help": "score the tagged format; None: from the checkpoint's sftkey.json"}
     )
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ...; None: cuda when available"})
-    dtype: str | None = field(default=None, metadata={"help": "model dtype (e.g. bfloat16 on GPU); None: float32"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "model dtype; None: float32 (bfloat16 changes some greedy answers: benchmarks/eval_precision.py)"})
     exclude_training_questions: bool = field(
         default=False, metadata={"help": "drop questions the checkpoint trained on (counted) instead of refusing"}
     )

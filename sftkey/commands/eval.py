@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy (default); > 0: sampled")
     parser.add_argument("--sampling-seed", type=int, default=defaults.seed, help="seed of sampled generation")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 on a GPU (default: float32)")
+    parser.add_argument("--dtype", default=None, help="model dtype (default: float32; bfloat16 changes some greedy answers: "
+                        "benchmarks/eval_precision.py measures how many on your model)")
     parser.add_argument("--exclude-training-questions", action="store_true",
                         help="drop questions the checkpoint trained on (counted in the summary) instead of refusing")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
