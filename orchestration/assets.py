@@ -227,7 +227,7 @@ def train_stage(context: dg.AssetExecutionContext, arm: str, seed: int, settings
         # what MLflow has not seen live (a reused stage, the steps before a resume) at the times they were trained
         log_missing_steps(run, rows)
         run.set_tags(reuse_tags(run, status, key))
-        model_uri = logged_model_uri(run, checkpoint, model_name, settings.config.benchmark.dtype, store,
+        model_uri = logged_model_uri(run, checkpoint, model_name, settings.config.benchmark, store,
                                      tracking) if model_name else None
     losses = [(row["step"], row["loss"]) for row in rows]
     answer_losses = [(row["step"], row["loss_answer"]) for row in rows if "loss_answer" in row]
@@ -242,18 +242,22 @@ def train_stage(context: dg.AssetExecutionContext, arm: str, seed: int, settings
     })
 
 
-def logged_model_uri(run, checkpoint: Path, name: str, dtype: str, store: ModelStore, tracking: MlflowResource) -> str:
-    """Log the checkpoint as the MLflow model `name` with its weights in `dtype` (benchmark.dtype: the dtype it is
-    scored in), once per checkpoint, name, dtype and tracking store: a reused checkpoint points at the model logged
-    before instead of copying its weights again."""
-    key = content_key(str(checkpoint), name, dtype, tracking.resolve_uri(), checkpoint_weights_sha256(checkpoint))
+def logged_model_uri(run, checkpoint: Path, name: str, bench: BenchmarkSection, store: ModelStore,
+                     tracking: MlflowResource) -> str:
+    """Log the checkpoint as the MLflow model `name`, served as the benchmark scores it: weights in benchmark.dtype,
+    greedy, with the benchmark's new-token cap. Once per checkpoint, name, those settings and tracking store: a
+    reused checkpoint points at the model logged before instead of copying its weights again."""
+    from sftkey.evaluate import default_max_new_tokens
+
+    dtype, cap = bench.dtype, bench.max_new_tokens or default_max_new_tokens(bench.dataset)
+    key = content_key(str(checkpoint), name, dtype, cap, tracking.resolve_uri(), checkpoint_weights_sha256(checkpoint))
     with store.claim("logged_models", key) as folder:
         record = folder / "model.json"
         if record.exists():
             logged = json.loads(record.read_text())
             run.set_tags({"sftkey.model_logged_in_run": logged["run_id"]})
             return logged["model_uri"]
-        uri = run.log_model(checkpoint, name, dtype)
+        uri = run.log_model(checkpoint, name, dtype, max_new_tokens=cap)
         write_text(record, json.dumps({"model_uri": uri, "run_id": run.run_id}) + "\n")
     return uri
 
@@ -276,7 +280,7 @@ def passed_through(context: dg.AssetExecutionContext, settings: PipelineSettings
         base = (read_meta(Path(stage1["checkpoint"])) or {}).get("base_model") or {}  # what it was trained from
         run.log_params(training_view(settings.config.training, arm, seed)
                        | {"init": stage1["checkpoint"], "skipped": True} | identity_params(base))
-        model_uri = logged_model_uri(run, Path(stage1["checkpoint"]), name, settings.config.benchmark.dtype, store,
+        model_uri = logged_model_uri(run, Path(stage1["checkpoint"]), name, settings.config.benchmark, store,
                                      tracking) if name else None
     value = dict(stage1, status="skipped", losses=[], answer_losses=[], mlflow_run_id=run.run_id, model_uri=model_uri)
     return dg.Output(value, data_version=dg.DataVersion(stage1["key"][:20]), metadata={

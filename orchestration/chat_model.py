@@ -83,7 +83,8 @@ class SftkeyChatModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: list[str | ChatRequest], params: dict[str, Any] | None = None) -> list[str]:
         from sftkey.generate import GenerationConfig, generate
 
-        settings = {**self.config, **(params or {})}
+        settings = self.config  # MLflow passes no params the type-hinted signature does not declare: another cap or
+        # temperature is a model_config at load time (mlflow.pyfunc.load_model(uri, model_config={...}))
         prompts = [(str(i), chat_prompt(self.tokenizer, messages))
                    for i, messages in enumerate(conversations(model_input))]
         config = GenerationConfig(max_new_tokens=int(settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),

@@ -161,6 +161,38 @@ def test_lineage_walk_from_the_registered_version(smoke_run):
     assert (scored, logged.tags["sftkey.weights_dtype"], version.tags["sftkey.weights_dtype"]) == ("float32",) * 3
 
 
+def test_the_champion_served_through_mlflow_answers_as_it_was_scored(smoke_run):
+    """The registered model, loaded as users load it, gives the benchmark's questions the outputs the benchmark
+    scored, word for word: same weights and dtype, same prompt, same new-token cap (a served cap longer than the
+    scored one would extend every answer the cap cut)."""
+    import mlflow
+
+    from sftkey.data import DataConfig
+    from sftkey.evaluate import OUTPUTS, gold_records
+
+    tracking = resources(smoke_run.config)["tracking"]
+    client = tracking.client()
+    version = version_by_alias(client, "sftkey-smoke", CHAMPION)
+    arm, seed = version.tags["sftkey.arm"], version.tags["sftkey.seed"]
+    record = smoke_run.result.comparison["records"][f"{arm}|{seed}"]
+    scored = {row["uid"]: row for row in map(json.loads, Path(record["folder"], OUTPUTS).read_text().splitlines())}
+    bench = smoke_run.config.benchmark
+    questions, _ = gold_records(DataConfig(bench.dataset, bench.split, limit=bench.limit, seed=bench.seed,
+                                           test_fraction=bench.test_fraction))
+    assert {q.uid for q in questions} == scored.keys()
+    mlflow.set_tracking_uri(tracking.resolve_uri())
+    served = mlflow.pyfunc.load_model(f"models:/sftkey-smoke@{CHAMPION}")
+    summary = json.loads(Path(record["folder"], "summary.json").read_text())
+    assert served.model_config["max_new_tokens"] == summary["max_new_tokens"] == 40  # the smoke config's cap
+    assert served.predict([q.question for q in questions]) == [scored[q.uid]["output"] for q in questions]
+    from sftkey.models import load_tokenizer
+
+    tokenizer = load_tokenizer(record["checkpoint"])
+    shorter = mlflow.pyfunc.load_model(f"models:/sftkey-smoke@{CHAMPION}", model_config={"max_new_tokens": 2})
+    (short,) = shorter.predict([questions[0].question])  # a caller may serve it with another cap
+    assert len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 2
+
+
 def test_rerun_reuses_every_checkpoint_and_keeps_its_own_outputs(smoke_run):
     from orchestration.pipeline import run_pipeline
 
