@@ -4,9 +4,9 @@ A candidate version carries its per-question benchmark outcomes as an artifact o
 later candidate can be tested against the champion question by question (sftkey.compare's paired tests).
 
 The gate refuses a candidate that failed a check, a candidate whose logged weights are not in the dtype it was
-scored in (the model served would not be the model scored), a first champion below `min_accuracy`, a champion scored on
-another benchmark (BENCHMARK_TAG differs, even with the same question ids) and outcomes that are not booleans.
-Moving `champion` is compare-and-set under a lock: if another pipeline moved it since the gate ran, the gate runs
+scored in (the model served would not be the model scored), a first champion below `min_accuracy`, a champion
+scored on another benchmark (BENCHMARK_TAG differs, even with the same question ids) and outcomes that are not
+booleans. Moving `champion` is compare-and-set under a lock: if another pipeline moved it since the gate ran, the gate runs
 again against the new champion. Registering the same weights on the same benchmark again reuses its version, and
 versions left undecided by a pipeline that died are marked `interrupted`.
 """
@@ -393,7 +393,8 @@ def evaluate_gate(client: "MlflowClient", name: str, version: str, margin_points
                         champion_version=champion_version, margin_points=margin_points, alpha=alpha,
                         min_accuracy=min_accuracy)
     settings = dict(min_accuracy=min_accuracy, failed_checks=failed_checks,
-                    weights_dtype=candidate.tags.get(WEIGHTS_DTYPE_TAG), candidate_benchmark=version_benchmark(candidate),
+                    weights_dtype=candidate.tags.get(WEIGHTS_DTYPE_TAG),
+                    candidate_benchmark=version_benchmark(candidate),
                     champion_benchmark=None if champion is None else version_benchmark(champion))
     try:
         candidate_outcomes = version_outcomes(client, candidate)
