@@ -18,9 +18,10 @@ Prints one JSON line per implementation, then (on stderr) a table with
 each row's ratio to HF generate and to llama.cpp and its bandwidth utilisation: weight bytes x decoding steps
 (forward passes) per second over the measured memcpy traffic (bytes read + written per second).
 
-The llama.cpp row (llama-cpp-python, `pip install -e .[bench]`) runs the GGUF the default model was converted
-from (Q4_1, so its weights are the same values, stored quantised), greedy, one question at a time, on as many
-threads as torch uses; with --gguf auto it runs only when --model is the default model's folder. When
+The llama.cpp row (`pip install llama-cpp-python`: PyPI has its source only, so pip builds llama.cpp, ~1 hour on
+a busy 2-vCPU VM; CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF" saves some) runs the GGUF the default
+model was converted from (Q4_1, so its weights are the same values, stored quantised), greedy, one question at a
+time, on as many threads as torch uses; with --gguf auto it runs only when --model is the default model's folder. When
 llama_cpp or the GGUF is missing, the row says why it was skipped.
 """
 
