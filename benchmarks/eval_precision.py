@@ -22,13 +22,15 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.peers import machine  # noqa: E402
-from sftkey.compare import mcnemar_exact_p  # noqa: E402
+from sftkey.compare import discordant_counts, mcnemar_exact_p  # noqa: E402
 from sftkey.data import DataConfig  # noqa: E402
 from sftkey.evaluate import OUTPUTS, EvalConfig, evaluate  # noqa: E402
 from sftkey.generate import GenerationConfig  # noqa: E402
@@ -48,8 +50,9 @@ class Agreement:
 
 def verdict_counts(reference: dict[str, bool], candidate: dict[str, bool]) -> dict:
     """Correct counts of both, how many questions flipped each way, and McNemar's exact p over those flips."""
-    reference_only = sum(reference[uid] and not candidate[uid] for uid in reference)
-    candidate_only = sum(candidate[uid] and not reference[uid] for uid in reference)
+    uids = sorted(reference)
+    candidate_only, reference_only = discordant_counts(np.array([candidate[u] for u in uids], dtype=bool),
+                                                       np.array([reference[u] for u in uids], dtype=bool))
     return {REFERENCE: sum(reference.values()), CANDIDATE: sum(candidate.values()),
             "flipped": reference_only + candidate_only, "reference_only": reference_only,
             "candidate_only": candidate_only, "p": mcnemar_exact_p(candidate_only, reference_only)}
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         (reference, reference_s), (candidate, candidate_s) = (evaluation(checkpoint, d, args)
                                                               for d in (REFERENCE, CANDIDATE))
         found = agreement(reference, candidate)
-        result = {"checkpoint": checkpoint, **found.__dict__,
+        result = {"checkpoint": checkpoint, **asdict(found),
                   "seconds": {REFERENCE: reference_s, CANDIDATE: candidate_s}}
         flips = found.strict["flipped"] + (found.format_ok["flipped"] if found.format_ok else 0)
         result["verdict"] = ("bf16 gave the same verdicts on every question" if not flips else
