@@ -1,8 +1,8 @@
 """Does greedy evaluation in bf16 give the same per-question verdicts as fp32?
 
-`sftkey eval` and the pipeline's benchmark score in fp32. A model trained under bf16 autocast is logged to MLflow
-in bf16 (half the bytes), and bf16 evaluation is what a GPU would run fastest. Whether scoring in bf16 is
-allowed depends on one measurement: the same checkpoint, the same held-out questions, greedy, once per dtype,
+`sftkey eval` and the pipeline's benchmark score in fp32, and the registry stores a model in the dtype it was
+scored in. bf16 would halve the stored bytes and is what a GPU runs fastest; whether scoring (and so serving) in
+bf16 is allowed depends on one measurement: the same checkpoint, the same held-out questions, greedy, once per dtype,
 then per question: is the output the same, is the strict verdict the same, is the format verdict the same.
 
     python benchmarks/eval_precision.py --checkpoint <model folder> [--checkpoint ...] \
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.peers import machine  # noqa: E402
 from sftkey.compare import discordant_counts, mcnemar_exact_p  # noqa: E402
 from sftkey.data import DataConfig  # noqa: E402
-from sftkey.evaluate import OUTPUTS, EvalConfig, evaluate  # noqa: E402
+from sftkey.evaluate import OUTPUTS, EvalConfig, evaluate, resolve_device  # noqa: E402
 from sftkey.generate import GenerationConfig  # noqa: E402
 
 REFERENCE, CANDIDATE = "float32", "bfloat16"
@@ -74,6 +74,14 @@ def agreement(reference_rows: list[dict], candidate_rows: list[dict]) -> Agreeme
         format_ok=verdict_counts({u: r["format_ok"] for u, r in reference.items()},
                                  {u: r["format_ok"] for u, r in candidate.items()}) if tagged else None,
     )
+
+
+def verdict(found: Agreement) -> str:
+    """The decision the counts support: any flipped verdict (strict or format) keeps evaluation in fp32."""
+    flips = found.strict["flipped"] + (found.format_ok["flipped"] if found.format_ok else 0)
+    if flips:
+        return f"bf16 changed {flips} verdicts: keep evaluation in fp32"
+    return f"bf16 gave the same verdicts on all {found.questions} questions"
 
 
 def evaluation(checkpoint: str, dtype: str, args: argparse.Namespace) -> tuple[list[dict], float]:
@@ -118,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, help="folder of the evaluations (a rerun resumes them)")
     args = parser.parse_args(argv)
 
-    from sftkey.evaluate import resolve_device
-
     print(json.dumps({"machine": machine(resolve_device(args.device))}), flush=True)
     results = []
     for checkpoint in args.checkpoint:
@@ -128,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         found = agreement(reference, candidate)
         result = {"checkpoint": checkpoint, **asdict(found),
                   "seconds": {REFERENCE: reference_s, CANDIDATE: candidate_s}}
-        flips = found.strict["flipped"] + (found.format_ok["flipped"] if found.format_ok else 0)
-        result["verdict"] = ("bf16 gave the same verdicts on every question" if not flips else
-                             f"bf16 changed {flips} verdicts: keep evaluation in fp32")
+        result["verdict"] = verdict(found)
         print(json.dumps(result), flush=True)
         results.append(result)
     print(markdown(results), file=sys.stderr)

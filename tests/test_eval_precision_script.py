@@ -43,6 +43,13 @@ def test_different_outputs_with_the_same_verdicts_are_no_flip(bench):
     bf16 = [row("a", "so <Answer> 4 </Answer>", True), row("b", "<Answer> 6 </Answer>", False)]
     found = bench.agreement(fp32, bf16)
     assert (found.same_output, found.strict["flipped"], found.format_ok["flipped"]) == (0, 0, 0)
+    assert bench.verdict(found) == "bf16 gave the same verdicts on all 2 questions"
+
+
+def test_one_format_flip_alone_keeps_evaluation_in_fp32(bench):
+    fp32 = [row("a", "x", True), row("b", "y", False)]
+    bf16 = [row("a", "x", True), row("b", "z", False, format_ok=False)]
+    assert bench.verdict(bench.agreement(fp32, bf16)) == "bf16 changed 1 verdicts: keep evaluation in fp32"
 
 
 def test_an_untagged_model_has_no_format_verdict(bench):
