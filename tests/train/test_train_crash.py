@@ -210,7 +210,8 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
 # --------------------------------------------------------------------------- real processes, killed by PID
 
 
-SFT_TAG = {"sft_tag": {"format": "tagged", "stages": [{"name": "stage1", "loss": "sft", "steps": 3}]}}
+# ~1.5 s of steps here: a run frozen after its first step is still training, under any CI load
+TWENTY_STEPS = {"sft_tag": {"format": "tagged", "stages": [{"name": "stage1", "loss": "sft", "steps": 20}]}}
 
 
 def write_config(tmp_path: Path, tiny_model_dir: Path, output_dir: Path, arms: dict, train: dict | None = None) -> Path:
@@ -294,18 +295,20 @@ def test_sigkill_then_resume_gives_bit_identical_weights_and_each_step_once(tmp_
 
 @pytest.mark.slow  # a real `sftkey train` process: ~15-30 s of imports and data preparation
 def test_two_resumes_on_one_run_folder_one_trains_the_other_refuses(tmp_path, tiny_model_dir):
-    config_file = write_config(tmp_path, tiny_model_dir, tmp_path / "runs", SFT_TAG)
+    config_file = write_config(tmp_path, tiny_model_dir, tmp_path / "runs", TWENTY_STEPS)
     run = tmp_path / "runs" / "sft_tag" / "seed0"
     first = start_train(config_file, "--resume")
     try:
         wait_until(first, lambda: len(metrics_steps(run)) >= 1)
         first.send_signal(signal.SIGSTOP)  # frozen mid-run, holding the lock
+        frozen_at = metrics_steps(run)
+        assert frozen_at[-1] < 20, f"the first run ended before it was frozen ({frozen_at}): nothing was tested"
         second = start_train(config_file, "--resume")
         out, err = second.communicate(timeout=300)
     finally:
         first.send_signal(signal.SIGCONT)
     first_out, first_err = first.communicate(timeout=300)
-    assert second.returncode == 2 and out == ""
+    assert (second.returncode, out) == (2, ""), f"second run, exit {second.returncode}:\n{err[-3000:]}"
     assert "Traceback" not in err
     said = [line for line in err.splitlines() if line.startswith("sftkey train:")]
     assert said == [f"sftkey train: error: {run}: another sftkey train (pid {first.pid} on {socket.gethostname()}) is "
@@ -313,7 +316,7 @@ def test_two_resumes_on_one_run_folder_one_trains_the_other_refuses(tmp_path, ti
     assert err.strip().splitlines()[-1] == said[0]
     assert first.returncode == 0, first_err[-2000:]
     assert first_out.startswith("sft_tag seed 0: ")
-    assert metrics_steps(run) == [1, 2, 3]
+    assert metrics_steps(run) == list(range(1, 21))
     assert json.loads((run / "run.json").read_text())["pid"] == first.pid
 
 
