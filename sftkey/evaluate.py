@@ -22,6 +22,7 @@ from sftkey.data.overlap import describe, is_carved
 from sftkey.data.registry import dataset_spec
 from sftkey.errors import UserError
 from sftkey.generate import STOP_LENGTH, Generation, GenerationConfig
+from sftkey.weights_digest import parameters_sha256
 
 CHECKPOINT_META = "sftkey.json"  # written by the trainer next to the weights: arm, seed, stage, step, config
 OUTPUTS = "outputs.jsonl"
@@ -327,7 +328,7 @@ def evaluate(config: EvalConfig) -> dict:
         "training_questions_excluded": dropped,
         **facts,
     }
-    check_resume(out, settings)
+    previous = check_resume(out, settings)
 
     asked = {q.uid for q in questions}
     rows = [r for r in read_outputs(out / OUTPUTS) if r["uid"] in asked]
@@ -343,6 +344,7 @@ def evaluate(config: EvalConfig) -> dict:
         # The model loads before anything is written: a checkpoint that does not load leaves no output folder.
         tokenizer = load_tokenizer(folder)
         model = load_model(folder, dtype=config.dtype).to(resolve_device(config.device)).eval()
+        settings["parameters_sha256"] = parameters_sha256(model)
         out.mkdir(parents=True, exist_ok=True)
         write_summary(out, settings, rows, len(questions), started)
         gold = {q.uid: q.answer for q in todo}
@@ -354,14 +356,24 @@ def evaluate(config: EvalConfig) -> dict:
                 f.flush()
                 rows.extend(scored)
                 write_summary(out, settings, rows, len(questions), started)
+    else:  # every answer is there: the hash of the weights that gave them (older summaries have none)
+        settings["parameters_sha256"] = previous.get("parameters_sha256") or _scored_parameters_sha256(folder, config)
     return write_summary(out, settings, rows, len(questions), started)
 
 
-def check_resume(out: Path, settings: dict) -> None:
-    """Refuse to mix outputs made with other settings into this folder."""
+def _scored_parameters_sha256(folder: Path, config: EvalConfig) -> str:
+    """sftkey.weights_digest.parameters_sha256 of the checkpoint as evaluate loads it (its dtype, on the CPU)."""
+    from sftkey.models import load_model
+
+    return parameters_sha256(load_model(folder, dtype=config.dtype))
+
+
+def check_resume(out: Path, settings: dict) -> dict:
+    """Refuse to mix outputs made with other settings, or by other weights under the same checkpoint path (it was
+    trained again), into this folder; returns the folder's summary ({} when there is none)."""
     path = out / SUMMARY
     if not path.exists():
-        return
+        return {}
     previous = json.loads(path.read_text(encoding="utf-8"))
     changed = [k for k in RESUME_KEYS if previous.get(k) != settings[k]]
     if changed:
@@ -370,6 +382,14 @@ def check_resume(out: Path, settings: dict) -> None:
             f"{out} holds outputs made with other settings ({detail}); pass another --out, "
             f"or delete {out / OUTPUTS} and {path} to start over"
         )
+    before, now = (previous.get("model") or {}).get("weights_sha256"), settings["model"]["weights_sha256"]
+    if before != now:
+        raise EvalError(
+            f"{out} holds outputs of other weights: {settings['checkpoint']} held weights sha256 {before} when they "
+            f"were made and holds {now} now (trained again?); pass another --out, or delete {out / OUTPUTS} and "
+            f"{path} to score these weights"
+        )
+    return previous
 
 
 def write_summary(out: Path, settings: dict, rows: list[dict], n_questions: int, started: float) -> dict:

@@ -101,6 +101,49 @@ def test_rerun_with_other_settings_is_refused(checkpoint, data_file, tmp_path):
         evaluate(config(checkpoint, data_file, out=str(out), max_new_tokens=6))
 
 
+def test_the_summary_hashes_the_parameters_as_scored_and_keeps_the_hash_on_a_complete_rerun(checkpoint, data_file,
+                                                                                           tmp_path):
+    from sftkey.models import load_model
+    from sftkey.weights_digest import parameters_sha256
+
+    fp32, bf16 = (parameters_sha256(load_model(checkpoint, dtype=d)) for d in ("float32", "bfloat16"))
+    assert fp32 != bf16
+    assert evaluate(config(checkpoint, data_file, out=str(tmp_path / "fp32")))["parameters_sha256"] == fp32
+    assert evaluate(config(checkpoint, data_file, out=str(tmp_path / "bf16"), dtype="bfloat16"))["parameters_sha256"] == bf16
+    # nothing left to answer: the hash is carried over, or computed for a summary written before it was recorded
+    assert evaluate(config(checkpoint, data_file, out=str(tmp_path / "fp32")))["parameters_sha256"] == fp32
+    path = tmp_path / "bf16" / SUMMARY
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "parameters_sha256"}))
+    assert evaluate(config(checkpoint, data_file, out=str(tmp_path / "bf16"), dtype="bfloat16"))["parameters_sha256"] == bf16
+
+
+@pytest.mark.parametrize("answered", [1, 3], ids=["part-answered", "all-answered"])
+def test_a_rerun_on_weights_trained_again_under_the_same_path_is_refused(checkpoint, data_file, tmp_path, answered):
+    """Outputs of the old weights must not be mixed with the new ones', nor reported as theirs."""
+    import torch
+
+    from sftkey.models import load_model, weights_identity
+
+    out = tmp_path / "out"
+    evaluate(config(checkpoint, data_file, out=str(out)))
+    lines = (out / OUTPUTS).read_text().splitlines(keepends=True)
+    (out / OUTPUTS).write_text("".join(lines[:answered]))
+    before = weights_identity(checkpoint)["weights_sha256"]
+    model = load_model(checkpoint)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    model.save_pretrained(checkpoint)
+    after = weights_identity(checkpoint)["weights_sha256"]
+    assert before != after
+    with pytest.raises(EvalError) as refused:
+        evaluate(config(checkpoint, data_file, out=str(out)))
+    assert str(refused.value) == (
+        f"{out} holds outputs of other weights: {checkpoint.resolve()} held weights sha256 {before} when they were "
+        f"made and holds {after} now (trained again?); pass another --out, or delete {out / OUTPUTS} and "
+        f"{out / SUMMARY} to score these weights")
+    assert (out / OUTPUTS).read_text() == "".join(lines[:answered])  # nothing of the old run was touched
+
+
 def test_a_corrupt_line_inside_the_outputs_is_named(tmp_path):
     (tmp_path / OUTPUTS).write_text('{"uid": "a"}\nnot json\n{"uid": "b"}\n')
     with pytest.raises(EvalError, match=r"outputs.jsonl line 2: not valid JSON; delete that line"):
