@@ -4,7 +4,8 @@ A candidate version carries its per-question benchmark outcomes as an artifact o
 later candidate can be tested against the champion question by question (sftkey.compare's paired tests).
 
 The gate refuses a candidate that failed a check, a candidate whose logged weights are not in the dtype it was
-scored in (the model served would not be the model scored), a first champion below `min_accuracy`, a champion
+scored in or are not the weights it was scored with (the model served would not be the model scored: checked on
+the parameters themselves, orchestration.served_weights), a first champion below `min_accuracy`, a champion
 scored on another benchmark (BENCHMARK_TAG differs, even with the same question ids) and outcomes that are not
 booleans. Moving `champion` is compare-and-set under a lock: if another pipeline moved it since the gate ran, the gate runs
 again against the new champion. Registering the same weights on the same benchmark again reuses its version, and
@@ -24,6 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from orchestration.served_weights import (ServedWeightsError, scored_parameters_sha256, served_parameters_sha256,
+                                          served_weights_problem)
 from orchestration.tracking import PARENT_TAG, WEIGHTS_DTYPE_TAG
 
 if TYPE_CHECKING:
@@ -129,9 +132,11 @@ def accuracy_of(outcomes: Mapping[str, bool]) -> float:
 def decide(candidate: Mapping[str, bool], champion: Mapping[str, bool] | None, margin_points: float,
            alpha: float, champion_version: str | None = None, *, min_accuracy: float = DEFAULT_MIN_ACCURACY,
            failed_checks: Sequence[str] = (), candidate_benchmark: Mapping | None = None,
-           champion_benchmark: Mapping | None = None, weights_dtype: str | None = None) -> Decision:
-    """Refuse a candidate that failed a check or whose logged weights (`weights_dtype`) are not in the dtype its
-    benchmark scored it in; with no champion, promote one that reaches `min_accuracy`; else
+           champion_benchmark: Mapping | None = None, weights_dtype: str | None = None,
+           scored_parameters: str | None = None, served_parameters: str | None = None) -> Decision:
+    """Refuse a candidate that failed a check, whose logged weights (`weights_dtype`) are not in the dtype its
+    benchmark scored it in, or whose served parameters hash (`served_parameters`) is not the one its benchmark
+    recorded (`scored_parameters`); with no champion, promote one that reaches `min_accuracy`; else
     promote only on the same benchmark when it beats the champion by `margin_points` accuracy points with a
     significant paired difference (sftkey.compare: an exact sign test over the questions, p < alpha)."""
     from sftkey.compare import compare_arms
@@ -145,7 +150,8 @@ def decide(candidate: Mapping[str, bool], champion: Mapping[str, bool] | None, m
                         accuracy, champion_version=champion_version, **settings)
     if not candidate:
         return Decision(False, "the candidate answered no questions", accuracy, **settings)
-    served_otherwise = weights_dtype_problem(candidate_benchmark, weights_dtype)
+    served_otherwise = (weights_dtype_problem(candidate_benchmark, weights_dtype)
+                        or served_weights_problem(scored_parameters, served_parameters))
     if served_otherwise:
         return Decision(False, served_otherwise, accuracy, champion_version=champion_version, **settings)
     if champion is None:
@@ -399,9 +405,12 @@ def evaluate_gate(client: "MlflowClient", name: str, version: str, margin_points
     try:
         candidate_outcomes = version_outcomes(client, candidate)
         champion_outcomes = None if champion is None else version_outcomes(client, champion)
+        settings |= {"scored_parameters": scored_parameters_sha256(client, candidate, candidate.tags[BENCHMARK_RUN_TAG]),
+                     "served_parameters": served_parameters_sha256(client, candidate)}
         decision = decide(candidate_outcomes, champion_outcomes, margin_points, alpha, champion_version, **settings)
-    except OutcomesError as error:
-        decision = Decision(False, f"unusable outcomes: {error}", float("nan"), champion_version=champion_version,
+    except (OutcomesError, ServedWeightsError) as error:
+        what = "unusable outcomes" if isinstance(error, OutcomesError) else "served weights not verified"
+        decision = Decision(False, f"{what}: {error}", float("nan"), champion_version=champion_version,
                             margin_points=margin_points, alpha=alpha, min_accuracy=min_accuracy,
                             failed_checks=tuple(failed_checks))
     tags = decision.tags()

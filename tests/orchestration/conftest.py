@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,31 @@ def seed_mlflow_store(template: Path, database: Path) -> Path:
     with contextlib.closing(sqlite3.connect(template)) as source, contextlib.closing(sqlite3.connect(database)) as to:
         source.backup(to)
     return database
+
+
+def log_served_model(client, experiment_id: str, weights: Path) -> tuple[str, str]:
+    """A logged model holding the model folder `weights` where a chat pyfunc model keeps them
+    (orchestration.served_weights.WEIGHTS_PATH), for the gate to read back; returns its `models:/` uri and the
+    parameters_sha256 a benchmark of those weights records."""
+    from orchestration.served_weights import WEIGHTS_PATH
+    from sftkey.models import load_model
+    from sftkey.weights_digest import parameters_sha256
+
+    run = client.create_run(experiment_id).info.run_id
+    model = client.create_logged_model(experiment_id, name="served", source_run_id=run)
+    client.log_model_artifacts(model.model_id, str(weights), WEIGHTS_PATH)
+    return f"models:/{model.model_id}", parameters_sha256(load_model(weights, dtype="auto"))
+
+
+def log_benchmark_summary(client, run_id: str, folder: Path, parameters_sha256: str | None) -> None:
+    """The benchmark run's summary.json as the gate reads it: only the hash of the parameters it scored (none when
+    None, as a summary written before the hash was recorded)."""
+    from sftkey.evaluate import SUMMARY
+
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {} if parameters_sha256 is None else {"parameters_sha256": parameters_sha256}
+    (folder / SUMMARY).write_text(json.dumps(summary))
+    client.log_artifact(run_id, str(folder / SUMMARY))
 
 
 @pytest.fixture(scope="session")

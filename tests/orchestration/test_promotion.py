@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,7 +36,8 @@ from orchestration.registry import (
     version_by_alias,
 )
 from orchestration.tracking import WEIGHTS_DTYPE_TAG
-from tests.orchestration.conftest import SMOKE_CONFIG, seed_mlflow_store, smoke_raw, write_config
+from tests.orchestration.conftest import (SMOKE_CONFIG, log_benchmark_summary, log_served_model, seed_mlflow_store,
+                                          smoke_raw, write_config)
 
 QUESTIONS = [f"q{i:02d}" for i in range(20)]
 BENCH = {"dataset": "svamp", "split": "test", "limit": 20, "data_version": "d1", "n_questions": 20, "tagged": True,
@@ -52,37 +54,48 @@ ZERO, WEAK, MID, STRONG = outcomes(0), outcomes(1), outcomes(7), outcomes(13)  #
 GATE = dict(margin_points=1.0, alpha=0.05, min_accuracy=0.05)
 
 
+SERVED: dict[str, tuple[str, str]] = {}  # tracking uri -> (the logged model every version serves, its hash)
+SCORED = object()  # register(scored=...) default: the benchmark scored the weights the version serves
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, mlflow_template):
-    """One real sqlite registry per module (a copy of the session's migrated store); each test its own model name."""
+def client(tmp_path_factory, mlflow_template, tiny_model_dir):
+    """One real sqlite registry per module (a copy of the session's migrated store); each test its own model name.
+    Every version serves the tiny model's weights from one logged model, as the gate downloads and hashes them."""
+    import mlflow
     from mlflow import MlflowClient
 
     folder = tmp_path_factory.mktemp("registry")
     client = MlflowClient(f"sqlite:///{seed_mlflow_store(mlflow_template, folder / 'mlflow.db')}")
-    client.create_experiment("gate", artifact_location=(folder / "artifacts").as_uri())
+    mlflow.set_tracking_uri(client.tracking_uri)  # the registry resolves a models:/ source through it
+    experiment = client.create_experiment("gate", artifact_location=(folder / "artifacts").as_uri())
+    SERVED[client.tracking_uri] = log_served_model(client, experiment, tiny_model_dir)
     return client
 
 
-def benchmark_run(client, tmp_path: Path, correct) -> str:
-    """A run holding `correct` as its outcomes.json (any JSON: the gate must refuse what is not a bool mapping)."""
+def benchmark_run(client, tmp_path: Path, correct, scored: str | None) -> str:
+    """A run holding `correct` as its outcomes.json (any JSON: the gate must refuse what is not a bool mapping) and
+    a summary.json recording `scored` as the hash of the parameters it scored."""
     run = client.create_run(client.get_experiment_by_name("gate").experiment_id).info.run_id
     folder = tmp_path / run
     folder.mkdir()
     (folder / OUTCOMES_ARTIFACT).write_text(json.dumps(correct))
     client.log_artifact(run, str(folder / OUTCOMES_ARTIFACT))
+    log_benchmark_summary(client, run, folder, scored)
     return run
 
 
 def register(client, tmp_path: Path, name: str, correct, bench: dict | None = BENCH, weights: str | None = None,
-             **extra_tags) -> str:
+             scored=SCORED, source: str | None = None, **extra_tags) -> str:
     experiment = client.get_experiment_by_name("gate").experiment_id
     model_run = client.create_run(experiment).info.run_id
-    tags = {BENCHMARK_RUN_TAG: benchmark_run(client, tmp_path, correct),
+    served_uri, served_sha = SERVED[client.tracking_uri]
+    tags = {BENCHMARK_RUN_TAG: benchmark_run(client, tmp_path, correct, served_sha if scored is SCORED else scored),
             WEIGHTS_TAG: weights or f"sha-{model_run}", WEIGHTS_DTYPE_TAG: "float32", **extra_tags}
     tags = {k: v for k, v in tags.items() if v is not None}  # a tag given as None is left out
     if bench is not None:
         tags[BENCHMARK_TAG] = json.dumps(bench, sort_keys=True)
-    return str(register_candidate(client, name, f"runs:/{model_run}/model", model_run, tags).version)
+    return str(register_candidate(client, name, source or served_uri, model_run, tags).version)
 
 
 def champion(client, name: str) -> str | None:
@@ -200,7 +213,8 @@ def test_a_champion_scored_on_another_benchmark_with_the_same_uids_is_not_compar
 
 
 @pytest.mark.parametrize("weights_dtype, shown", [("bfloat16", "bfloat16"), (None, "of no recorded dtype")])
-def test_a_candidate_served_in_another_dtype_than_it_was_scored_in_is_refused(client, tmp_path, weights_dtype, shown):
+def test_a_candidate_served_in_another_dtype_than_it_was_scored_in_is_refused(client, tmp_path, tiny_model_dir,
+                                                                             weights_dtype, shown):
     """bf16 weights answer differently from the fp32 ones they were rounded from on a share of the questions
     (benchmarks/eval_precision.py): scores of the fp32 weights say nothing sure about the bf16 model served."""
     name = f"served-{weights_dtype}"
@@ -213,10 +227,89 @@ def test_a_candidate_served_in_another_dtype_than_it_was_scored_in_is_refused(cl
     assert client.get_model_version(name, version).tags[DECISION_TAG] == "refused"
     assert champion(client, name) is None
     # scored in bf16 and served in bf16: the same model, so the gate goes on to the accuracy rules
-    bf16 = register(client, tmp_path, name, STRONG, bench=BENCH | {"dtype": "bfloat16"},
+    uri, scored = log_served_model(client, client.get_experiment_by_name("gate").experiment_id,
+                                   saved_weights(tiny_model_dir, tmp_path / "bf16", dtype="bfloat16"))
+    bf16 = register(client, tmp_path, name, STRONG, bench=BENCH | {"dtype": "bfloat16"}, source=uri, scored=scored,
                     **{WEIGHTS_DTYPE_TAG: "bfloat16"})
     assert gate_and_promote(client, name, bf16).promote is True
     assert champion(client, name) == bf16
+
+
+def saved_weights(tiny_model_dir: Path, folder: Path, dtype: str = "float32", shift: float = 0.0) -> Path:
+    """The tiny model saved to `folder` in `dtype`, its final norm shifted by `shift` (another checkpoint)."""
+    import torch
+
+    from sftkey.models import load_model, load_tokenizer
+
+    model = load_model(tiny_model_dir, dtype=dtype)
+    with torch.no_grad():
+        model.model.norm.weight.add_(shift)
+    model.save_pretrained(folder)
+    load_tokenizer(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+def served_folder(client, model_uri: str) -> Path:
+    """Where a file artifact store keeps the weights a logged model serves."""
+    from urllib.parse import urlparse
+
+    from orchestration.served_weights import WEIGHTS_PATH
+
+    location = client.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    return Path(urlparse(location).path) / WEIGHTS_PATH
+
+
+@pytest.mark.parametrize("how", ["another checkpoint logged", "weights swapped in the store"])
+def test_a_candidate_whose_served_weights_are_not_the_scored_ones_is_refused(client, tmp_path, tiny_model_dir, how):
+    """Every tag says the right thing; only the bytes served differ from the ones scored."""
+    from sftkey.models import load_model
+    from sftkey.weights_digest import parameters_sha256
+
+    experiment = client.get_experiment_by_name("gate").experiment_id
+    other = saved_weights(tiny_model_dir, tmp_path / "other", shift=1.0)
+    name = f"served-{how.split()[0]}"
+    if how == "another checkpoint logged":  # the benchmark scored the tiny model, the version serves `other`
+        served_uri, served = log_served_model(client, experiment, other)
+        version = register(client, tmp_path, name, STRONG, source=served_uri)
+        scored = SERVED[client.tracking_uri][1]
+    else:  # registered with matching hashes, then its weights file replaced where the registry serves it from
+        served_uri, scored = log_served_model(client, experiment, saved_weights(tiny_model_dir, tmp_path / "own"))
+        version = register(client, tmp_path, name, STRONG, source=served_uri, scored=scored)
+        shutil.copyfile(other / "model.safetensors", served_folder(client, served_uri) / "model.safetensors")
+        served = parameters_sha256(load_model(other))
+    assert served != scored
+    decision = gate_and_promote(client, name, version)
+    assert decision.promote is False
+    assert decision.reason == (f"the candidate's logged weights are not the weights its benchmark scored (parameters "
+                               f"sha256 {served[:16]} served, {scored[:16]} scored): the model served would not be "
+                               "the model scored; register the logged model of the checkpoint that was benchmarked")
+    assert client.get_model_version(name, version).tags[DECISION_TAG] == "refused"
+    assert champion(client, name) is None
+
+
+def test_served_weights_that_cannot_be_checked_are_refused(client, tmp_path, tiny_model_dir):
+    """No hash in the benchmark's summary, a source that is no logged model, served weights that do not load."""
+    name = "unverifiable"
+    version = register(client, tmp_path, name, STRONG, scored=None)
+    assert gate_and_promote(client, name, version).reason == (
+        "its benchmark recorded no hash of the parameters it scored (parameters_sha256 in summary.json, written by "
+        "sftkey.evaluate): benchmark it again so the weights served can be checked against it")
+    model_run = client.create_run(client.get_experiment_by_name("gate").experiment_id).info.run_id
+    version = register(client, tmp_path, name, STRONG, source=f"runs:/{model_run}/model")
+    assert gate_and_promote(client, name, version).reason == (
+        f"served weights not verified: model version {name} v{version}: its source runs:/{model_run}/model is not a "
+        "logged model (models:/<model id>), so the weights it serves cannot be read; register the uri that "
+        "MlflowTracker.log_model returns")
+    served_uri, scored = log_served_model(client, client.get_experiment_by_name("gate").experiment_id,
+                                          saved_weights(tiny_model_dir, tmp_path / "cut"))
+    version = register(client, tmp_path, name, STRONG, source=served_uri, scored=scored)
+    weights = served_folder(client, served_uri) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut, as a crashed copy leaves it
+    reason = gate_and_promote(client, name, version).reason
+    assert reason.startswith(f"served weights not verified: model version {name} v{version}: the weights of logged "
+                             f"model {served_uri.removeprefix('models:/')} (artifacts/weights) do not load (")
+    assert [client.get_model_version(name, str(v)).tags[DECISION_TAG] for v in (1, 2, 3)] == ["refused"] * 3
+    assert champion(client, name) is None
 
 
 @pytest.mark.parametrize("bad, detail", [

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from orchestration.tracking import WEIGHTS_DTYPE_TAG
+from tests.orchestration.conftest import log_benchmark_summary, log_served_model
 from orchestration.registry import (
     BENCHMARK_RUN_TAG,
     BENCHMARK_TAG,
@@ -28,7 +29,8 @@ QUESTIONS = [f"q{i}" for i in range(10)]
 BENCH = {"dataset": "svamp", "split": "test", "limit": 10, "data_version": "abc", "n_questions": 10, "tagged": True,
          "dtype": "float32", "max_new_tokens": 40, "temperature": 0.0, "sampling_seed": 0,
          "exclude_training_questions": False}
-SAME = dict(candidate_benchmark=BENCH, champion_benchmark=BENCH, weights_dtype="float32")
+SERVED = dict(weights_dtype="float32", scored_parameters="ab" * 32, served_parameters="ab" * 32)  # served = scored
+SAME = dict(candidate_benchmark=BENCH, champion_benchmark=BENCH, **SERVED)
 
 
 def outcomes(right: set[int]) -> dict[str, bool]:
@@ -40,12 +42,25 @@ STRONG = outcomes({0, 1, 2, 3, 4, 5, 6, 7})  # 8 of 10, a superset of WEAK: 6 di
 
 
 def test_no_champion_promotes_the_first_candidate():
-    decision = decide(WEAK, None, margin_points=1.0, alpha=0.05, candidate_benchmark=BENCH, weights_dtype="float32")
+    decision = decide(WEAK, None, margin_points=1.0, alpha=0.05, candidate_benchmark=BENCH, **SERVED)
     assert decision.promote is True
     assert decision.reason == ("no champion yet: strict accuracy 0.200 reaches promotion.min_accuracy 0.050; "
                                "the first candidate becomes champion")
     assert decision.candidate_accuracy == 0.2
     assert decision.tags()["promotion.decision"] == "promoted"
+
+
+@pytest.mark.parametrize("served, scored, reason", [
+    (None, "ab" * 32, "the weights it serves were not hashed: nothing shows that they are the weights scored"),
+    ("cd" * 32, None, "its benchmark recorded no hash of the parameters it scored (parameters_sha256 in summary.json, "
+                      "written by sftkey.evaluate): benchmark it again so the weights served can be checked against it"),
+    ("cd" * 32, "ab" * 32, "the candidate's logged weights are not the weights its benchmark scored (parameters sha256 "
+                           "cdcdcdcdcdcdcdcd served, abababababababab scored): the model served would not be the model "
+                           "scored; register the logged model of the checkpoint that was benchmarked"),
+], ids=["served-unhashed", "scored-unhashed", "differ"])
+def test_a_far_better_candidate_whose_served_weights_are_not_shown_to_be_scored_is_refused(served, scored, reason):
+    decision = decide(STRONG, WEAK, 1.0, 0.05, **(SAME | {"served_parameters": served, "scored_parameters": scored}))
+    assert (decision.promote, decision.reason) == (False, reason)
 
 
 def test_a_significantly_better_candidate_is_promoted():
@@ -85,32 +100,33 @@ def test_different_questions_are_refused_without_a_test():
 
 @pytest.fixture
 def client(tmp_path, mlflow_db):
+    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{mlflow_db}")  # a copy of the session's migrated store (conftest)
+    mlflow.set_tracking_uri(client.tracking_uri)  # the registry resolves a models:/ source through it
     client.create_experiment("gate", artifact_location=(tmp_path / "artifacts").as_uri())
     return client
 
 
-def candidate(client, tmp_path, name: str, correct: dict[str, bool]) -> str:
-    """A benchmark run holding the outcomes, a model run holding a model folder, and a registered version."""
+def candidate(client, tmp_path, name: str, correct: dict[str, bool], weights) -> str:
+    """A benchmark run holding the outcomes and the hash of the weights it scored, a logged model serving those
+    weights, and a registered version."""
     experiment = client.get_experiment_by_name("gate").experiment_id
+    model_uri, scored = log_served_model(client, experiment, weights)
     bench = client.create_run(experiment).info.run_id
     (tmp_path / OUTCOMES_ARTIFACT).write_text(json.dumps(correct))
     client.log_artifact(bench, str(tmp_path / OUTCOMES_ARTIFACT))
+    log_benchmark_summary(client, bench, tmp_path / bench, scored)
     model_run = client.create_run(experiment).info.run_id
-    folder = tmp_path / f"model-{name}"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    client.log_artifacts(model_run, str(folder), "model")
-    version = register_candidate(client, "gate-model", f"runs:/{model_run}/model", model_run,
+    version = register_candidate(client, "gate-model", model_uri, model_run,
                                  {BENCHMARK_RUN_TAG: bench, BENCHMARK_TAG: json.dumps(BENCH), "sftkey.arm": name,
                                   WEIGHTS_DTYPE_TAG: "float32"})
     return str(version.version)
 
 
-def test_gate_on_a_real_registry(client, tmp_path):
-    first = candidate(client, tmp_path, "weak", WEAK)
+def test_gate_on_a_real_registry(client, tmp_path, tiny_model_dir):
+    first = candidate(client, tmp_path, "weak", WEAK, tiny_model_dir)
     assert version_by_alias(client, "gate-model", CHAMPION) is None
     assert str(version_by_alias(client, "gate-model", CHALLENGER).version) == first
     decision = evaluate_gate(client, "gate-model", first, margin_points=1.0, alpha=0.05)
@@ -118,7 +134,7 @@ def test_gate_on_a_real_registry(client, tmp_path):
     promote(client, "gate-model", first)
     assert str(version_by_alias(client, "gate-model", CHAMPION).version) == first
 
-    better = candidate(client, tmp_path, "strong", STRONG)
+    better = candidate(client, tmp_path, "strong", STRONG, tiny_model_dir)
     decision = evaluate_gate(client, "gate-model", better, margin_points=1.0, alpha=0.05)
     assert (decision.promote, decision.difference_points, decision.p_value) == (True, 60.0, 0.03125)
     tags = client.get_model_version("gate-model", better).tags
@@ -126,7 +142,7 @@ def test_gate_on_a_real_registry(client, tmp_path):
     assert json.loads(tags["promotion.champion_version"]) == first
     promote(client, "gate-model", better)
 
-    same = candidate(client, tmp_path, "same", STRONG)
+    same = candidate(client, tmp_path, "same", STRONG, tiny_model_dir)
     decision = evaluate_gate(client, "gate-model", same, margin_points=1.0, alpha=0.05)
     assert decision.promote is False
     tags = client.get_model_version("gate-model", same).tags
