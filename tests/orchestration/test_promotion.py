@@ -1,8 +1,8 @@
 """Each way a worse model became champion, refused, on a real sqlite MLflow registry: gate settings that let
 anything through (refused at load time), a first champion at 0% accuracy, a candidate that failed a check, a
 champion scored on another benchmark with the same question ids, a candidate whose logged weights are in another
-dtype than it was scored in, non-boolean outcomes, two pipelines racing for
-the alias; and the registry's own state: a rerun adds no version, an orphan of a dead run is marked interrupted.
+dtype than it was scored in or are not the weights it was scored with (or cannot be checked), non-boolean outcomes,
+two pipelines racing for the alias; and the registry's own state: a rerun adds no version, an orphan of a dead run is marked interrupted.
 The failed-check case also runs the real pipeline on the tiny model through the `sftkey` CLI."""
 
 from __future__ import annotations
