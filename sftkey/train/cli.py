@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         from sftkey.prepare import read_prepared
 
         prepared = read_prepared(args.prepared)  # a DataError names the folder and how to write it
+    _refuse_folders_in_training(config, arms, seeds)
     mlflow_runs = _mlflow_runs(args.tracking_uri, args.experiment)  # the store is checked before any training
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # only effective before torch starts its thread pool
     jobs = _jobs(args.jobs, config, arms, seeds)
@@ -101,6 +102,20 @@ def run(args: argparse.Namespace) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _refuse_folders_in_training(config, arms: list[str], seeds: list[int]) -> None:
+    """A run folder another process trains is refused before the MLflow store is opened or a run made for it: that
+    process may hold the sqlite store's lock, and the refusal must not wait for it or leave a stray run. Under a
+    launcher only rank 0 asks: the other ranks may start after rank 0 took the folder."""
+    from sftkey.train.layout import run_folder
+    from sftkey.train.trainer import refuse_if_training
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for arm in arms:
+        for seed in seeds:
+            refuse_if_training(run_folder(config.output_dir, arm, seed).root)
 
 
 def _jobs(asked: int | None, config, arms: list[str], seeds: list[int]) -> int:

@@ -313,6 +313,27 @@ def _claim_run(run: ArmRun, resume: bool, check_existing: bool, tracker: Tracker
     run.accelerator.wait_for_everyone()
 
 
+def refuse_if_training(root: Path) -> None:
+    """Raise RunStateError when another process holds the run folder's lock; hold nothing. For callers that set
+    things up before training (an MLflow run), so that a second process refuses before touching them."""
+    import fcntl
+
+    try:
+        handle = open(root / LOCK_FILE, encoding="utf-8")
+    except FileNotFoundError:
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while a trainer holds LOCK_EX
+        except BlockingIOError:
+            raise _locked(root, handle.read().strip()) from None
+
+
+def _locked(root: Path, holder: str) -> RunStateError:
+    return RunStateError(f"{root}: another sftkey train ({holder or 'another process'}) is training this run folder; "
+                         "wait for it to finish or stop it, then rerun with --resume")
+
+
 def _lock_run(root: Path, rank: int):
     """An exclusive flock on `{run}/run.lock` (one file per rank): a second `sftkey train` on the same arm/seed
     folder refuses at once. The kernel drops a flock when its process dies, kill -9 included, so a lock file left
@@ -326,10 +347,9 @@ def _lock_run(root: Path, rank: int):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = handle.read().strip()
         handle.close()
-        raise RunStateError(f"{root}: another sftkey train ({holder}) is training this run folder; wait for it to "
-                            "finish or stop it, then rerun with --resume") from None
+        raise _locked(root, holder) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

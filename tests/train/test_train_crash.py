@@ -25,7 +25,7 @@ from sftkey.atomic import write_text
 from sftkey.train import checkpoint as ckpt
 from sftkey.train.layout import run_root
 from sftkey.train.tracking import JsonlTracker, MetricsFileError, read_metrics
-from sftkey.train.trainer import RunStateError, _lock_run, train_arm
+from sftkey.train.trainer import RunStateError, _lock_run, refuse_if_training, train_arm
 
 from test_trainer import CrashAt
 
@@ -191,8 +191,14 @@ def test_the_lock_refuses_a_second_holder_and_ignores_a_dead_ones_file(tmp_path)
     assert str(refused.value) == (f"{run}: another sftkey train ({me}) is training this run folder; wait for it to "
                                   "finish or stop it, then rerun with --resume")
     _lock_run(run, 1).close()  # another rank of the same job has its own file
+    with pytest.raises(RunStateError) as asked:
+        refuse_if_training(run)  # the check made before an MLflow run exists: same refusal, nothing held
+    assert str(asked.value) == str(refused.value)
     first.close()
-    _lock_run(run, 0).close()  # released
+    refuse_if_training(run)  # released: passes, and takes nothing
+    refuse_if_training(tmp_path / "never-trained")
+    assert (run / "run.lock").read_text() == me + "\n" and not (tmp_path / "never-trained").exists()
+    _lock_run(run, 0).close()
 
 
 def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
@@ -226,7 +232,9 @@ def write_config(tmp_path: Path, tiny_model_dir: Path, output_dir: Path, arms: d
 
 
 def start_train(config: Path, *extra: str) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # not the store an earlier test pointed MLFLOW_TRACKING_URI at (mlflow.set_tracking_uri sets it): --tracking-uri
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"OMP_NUM_THREADS": "1",
+                                                                                  "PYTHONPATH": str(REPO)}
     # a shell that started the suite in the background ignores SIGINT, and children inherit that: undo it, so that
     # SIGINT reaches `sftkey train` as Ctrl-C does
     return subprocess.Popen([sys.executable, "-m", "sftkey.cli", "train", "--config", str(config), *extra], cwd=REPO,
@@ -295,15 +303,20 @@ def test_sigkill_then_resume_gives_bit_identical_weights_and_each_step_once(tmp_
 
 @pytest.mark.slow  # a real `sftkey train` process: ~15-30 s of imports and data preparation
 def test_two_resumes_on_one_run_folder_one_trains_the_other_refuses(tmp_path, tiny_model_dir):
+    """Both log to one sqlite MLflow store: the second must refuse before it makes an MLflow run (CI once froze the
+    first in the middle of a store write, and the second died on "database is locked" instead of refusing)."""
+    from mlflow import MlflowClient
+
     config_file = write_config(tmp_path, tiny_model_dir, tmp_path / "runs", TWENTY_STEPS)
     run = tmp_path / "runs" / "sft_tag" / "seed0"
-    first = start_train(config_file, "--resume")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = start_train(config_file, "--resume", "--tracking-uri", store)
     try:
         wait_until(first, lambda: len(metrics_steps(run)) >= 1)
         first.send_signal(signal.SIGSTOP)  # frozen mid-run, holding the lock
         frozen_at = metrics_steps(run)
         assert frozen_at[-1] < 20, f"the first run ended before it was frozen ({frozen_at}): nothing was tested"
-        second = start_train(config_file, "--resume")
+        second = start_train(config_file, "--resume", "--tracking-uri", store)
         out, err = second.communicate(timeout=300)
     finally:
         first.send_signal(signal.SIGCONT)
@@ -318,6 +331,9 @@ def test_two_resumes_on_one_run_folder_one_trains_the_other_refuses(tmp_path, ti
     assert first_out.startswith("sft_tag seed 0: ")
     assert metrics_steps(run) == list(range(1, 21))
     assert json.loads((run / "run.json").read_text())["pid"] == first.pid
+    client = MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("sft_tag-seed0", "FINISHED")]  # the first's only
 
 
 @pytest.mark.slow  # a real `sftkey train` process: ~15-30 s of imports and data preparation
