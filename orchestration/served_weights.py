@@ -65,7 +65,6 @@ def scored_parameters_sha256(client: "MlflowClient", version: "ModelVersion", be
 def served_parameters_sha256(client: "MlflowClient", version: "ModelVersion") -> str:
     """parameters_sha256 of the weights the version's logged model serves, loaded in their stored dtype."""
     import mlflow
-    from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.utils.models import _parse_model_id_if_present
 
     from sftkey.models import load_model

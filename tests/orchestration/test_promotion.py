@@ -288,7 +288,10 @@ def test_a_candidate_whose_served_weights_are_not_the_scored_ones_is_refused(cli
 
 
 def test_served_weights_that_cannot_be_checked_are_refused(client, tmp_path, tiny_model_dir):
-    """No hash in the benchmark's summary, a source that is no logged model, served weights that do not load."""
+    """No hash in the benchmark's summary, a source that is no logged model, served weights that do not load, a
+    benchmark summary lost from the store."""
+    from urllib.parse import urlparse
+
     name = "unverifiable"
     version = register(client, tmp_path, name, STRONG, scored=None)
     assert gate_and_promote(client, name, version).reason == (
@@ -308,7 +311,13 @@ def test_served_weights_that_cannot_be_checked_are_refused(client, tmp_path, tin
     reason = gate_and_promote(client, name, version).reason
     assert reason.startswith(f"served weights not verified: model version {name} v{version}: the weights of logged "
                              f"model {served_uri.removeprefix('models:/')} (artifacts/weights) do not load (")
-    assert [client.get_model_version(name, str(v)).tags[DECISION_TAG] for v in (1, 2, 3)] == ["refused"] * 3
+    version = register(client, tmp_path, name, STRONG)
+    summary = client.get_model_version(name, version).tags[BENCHMARK_RUN_TAG]
+    (Path(urlparse(client.get_run(summary).info.artifact_uri).path) / "summary.json").unlink()  # lost from the store
+    assert gate_and_promote(client, name, version).reason.startswith(
+        f"served weights not verified: model version {name} v{version}: benchmark run {summary} has no readable "
+        "summary.json (")
+    assert [client.get_model_version(name, str(v)).tags[DECISION_TAG] for v in (1, 2, 3, 4)] == ["refused"] * 4
     assert champion(client, name) is None
 
 
